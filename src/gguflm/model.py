@@ -1,0 +1,198 @@
+"""The LLaMA-family transformer, and `Model`: a GGUF file loaded into it with its tokenizer.
+
+embeddings -> N x (RMSNorm, attention with RoPE and grouped KV heads, residual,
+                   RMSNorm, SwiGLU, residual) -> RMSNorm -> output
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gguflm.config import ModelArgs
+from gguflm.gguf_file import GGUFError, GGUFFile, TensorInfo
+from gguflm.kv_cache import KVCache
+from gguflm.quants import QuantizedLinear, dequantize
+from gguflm.tokenizer import Tokenizer
+
+MODES = ("fast", "reference")
+
+
+class Rope:
+    """Rotary position embedding; "normal" rotates adjacent pairs, "neox" the two halves of a head."""
+
+    def __init__(self, args: ModelArgs, device: torch.device) -> None:
+        half = args.rope_dim // 2
+        exponent = torch.arange(half, dtype=torch.float64, device=device) * 2 / args.rope_dim
+        self.inv_freq = (args.rope_freq_scale / args.rope_freq_base**exponent).float()  # (rope_dim/2,)
+        self.rope_dim = args.rope_dim
+        self.neox = args.rope_type == "neox"
+
+    def __call__(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """x (..., n, head_dim) rotated by positions pos (n,)."""
+        angle = pos.to(torch.float32)[:, None] * self.inv_freq[None, :]  # (n, rope_dim/2)
+        cos, sin = angle.cos(), angle.sin()
+        rot, rest = x[..., : self.rope_dim], x[..., self.rope_dim :]
+        if self.neox:
+            a, b = rot.chunk(2, dim=-1)
+            rotated = torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
+        else:
+            a, b = rot[..., 0::2], rot[..., 1::2]
+            rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+        return torch.cat((rotated, rest), dim=-1) if rest.shape[-1] else rotated
+
+
+@dataclass
+class Layer:
+    attn_norm: torch.Tensor  # (n_embd,)
+    wqkv: QuantizedLinear  # n_embd -> (n_head + 2 n_head_kv) head_dim, Q/K/V fused
+    wo: QuantizedLinear  # n_embd -> n_embd
+    ffn_norm: torch.Tensor  # (n_embd,)
+    w_gate_up: QuantizedLinear  # n_embd -> 2 n_ff, gate and up fused
+    w_down: QuantizedLinear  # n_ff -> n_embd
+
+
+class Transformer:
+    """The forward pass over one micro-batch, reading and writing the KV cache through cells."""
+
+    def __init__(self, args: ModelArgs, file: GGUFFile, mode: str, device: torch.device) -> None:
+        self.args = args
+        self.device = device
+        self.rope = Rope(args, device)
+        a = args
+        hd = a.head_dim
+
+        def tensor(name: str, shape: tuple[int, ...]) -> TensorInfo:
+            info = file.tensor(name)
+            if info.shape != shape:
+                raise GGUFError(f"{file.path}: tensor {name!r} has shape {info.shape}, expected {shape}")
+            return info
+
+        def vector(name: str, n: int) -> torch.Tensor:
+            info = tensor(name, (n,))
+            return dequantize(info.data, info.qtype, info.shape).to(device)
+
+        def linear(names: list[tuple[str, int]], n_in: int, biases: bool = False) -> QuantizedLinear:
+            infos = [tensor(f"{n}.weight", (n_out, n_in)) for n, n_out in names]
+            bias = torch.cat([vector(f"{n}.bias", n_out) for n, n_out in names]) if biases else None
+            return QuantizedLinear.concat(
+                [(i.data, i.qtype, i.shape) for i in infos], mode=mode, bias=bias, device=device
+            )
+
+        self.tok_embd = linear([("token_embd", a.n_vocab)], a.n_embd)
+        self.layers: list[Layer] = []
+        for i in range(a.n_layer):
+            p = f"blk.{i}"
+            self.layers.append(
+                Layer(
+                    attn_norm=vector(f"{p}.attn_norm.weight", a.n_embd),
+                    wqkv=linear(
+                        [(f"{p}.attn_q", a.n_head * hd), (f"{p}.attn_k", a.n_embd_kv), (f"{p}.attn_v", a.n_embd_kv)],
+                        a.n_embd,
+                        biases=a.qkv_bias,
+                    ),
+                    wo=linear([(f"{p}.attn_output", a.n_embd)], a.n_head * hd),
+                    ffn_norm=vector(f"{p}.ffn_norm.weight", a.n_embd),
+                    w_gate_up=linear([(f"{p}.ffn_gate", a.n_ff), (f"{p}.ffn_up", a.n_ff)], a.n_embd),
+                    w_down=linear([(f"{p}.ffn_down", a.n_embd)], a.n_ff),
+                )
+            )
+        self.output_norm = vector("output_norm.weight", a.n_embd)
+        self.output = self.tok_embd if a.tied_output else linear([("output", a.n_vocab)], a.n_embd)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(n,) token ids -> (n, n_embd) float32 rows of the embedding matrix (llama.cpp's get_rows)."""
+        return self.tok_embd.rows(tokens.to(self.device))
+
+    def shift_keys(self, k: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Cached keys k (n_head_kv, n, head_dim) re-rotated by a position change delta (n,)."""
+        return self.rope(k, delta)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (T, n_embd) input embeddings
+        pos: torch.Tensor,  # (T,) positions
+        cells: torch.Tensor,  # (T,) KV cells the tokens are written to
+        kv: KVCache,
+        mask: torch.Tensor,  # (T, n_kv) bool, True = may attend
+        out_rows: torch.Tensor,  # (n_out,) rows of the micro-batch whose output is wanted
+    ) -> torch.Tensor:
+        """Returns (n_out, n_embd): the final-normed hidden states of the requested rows."""
+        a = self.args
+        T = x.shape[0]
+        n_kv = mask.shape[1]
+        q_size, kv_size = a.n_head * a.head_dim, a.n_embd_kv
+        attn_mask = mask[None, None]  # (1, 1, T, n_kv)
+        for i, layer in enumerate(self.layers):
+            h = F.rms_norm(x, (a.n_embd,), layer.attn_norm, a.norm_eps)
+            q, k, v = layer.wqkv(h).split((q_size, kv_size, kv_size), dim=-1)
+            q = self.rope(q.view(T, a.n_head, a.head_dim).transpose(0, 1), pos)  # (n_head, T, hd)
+            k = self.rope(k.view(T, a.n_head_kv, a.head_dim).transpose(0, 1), pos)  # (n_head_kv, T, hd)
+            v = v.view(T, a.n_head_kv, a.head_dim).transpose(0, 1)  # (n_head_kv, T, hd)
+            kv.k[i].index_copy_(1, cells, k.to(kv.k.dtype))
+            kv.v[i].index_copy_(1, cells, v.to(kv.v.dtype))
+            keys = kv.k[i, :, :n_kv].to(q.dtype)  # (n_head_kv, n_kv, hd)
+            values = kv.v[i, :, :n_kv].to(q.dtype)
+            attn = F.scaled_dot_product_attention(
+                q[None], keys[None], values[None], attn_mask=attn_mask, enable_gqa=True
+            )  # (1, n_head, T, hd)
+            attn = attn[0].transpose(0, 1).reshape(T, q_size)
+            if i == a.n_layer - 1:  # only the requested rows go on (llama.cpp's inp_out_ids)
+                attn, x = attn[out_rows], x[out_rows]
+            x = x + layer.wo(attn)
+            h = F.rms_norm(x, (a.n_embd,), layer.ffn_norm, a.norm_eps)
+            gate, up = layer.w_gate_up(h).chunk(2, dim=-1)
+            x = x + layer.w_down(F.silu(gate) * up)
+        return F.rms_norm(x, (a.n_embd,), self.output_norm, a.norm_eps)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(n, n_embd) normed hidden states -> (n, n_vocab) float32 logits."""
+        return self.output(h)
+
+
+class Model:
+    """A GGUF model: metadata, ModelArgs, tokenizer and transformer weights (kept in their GGUF format)."""
+
+    def __init__(self, file: GGUFFile, args: ModelArgs, tokenizer: Tokenizer, transformer: Transformer) -> None:
+        self.file = file
+        self.args = args
+        self.tokenizer = tokenizer
+        self.transformer = transformer
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike[str], *, mode: str = "fast", device: str | torch.device = "cpu"
+    ) -> Model:
+        """Load a GGUF file. mode "fast" uses packed quantized kernels; "reference" is exact fp32."""
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r} (expected one of {MODES})")
+        file = GGUFFile(path)
+        args = ModelArgs.from_gguf(file)
+        tokenizer = Tokenizer.from_metadata(file.metadata, source=str(file.path))
+        if tokenizer.n_vocab != args.n_vocab:
+            raise GGUFError(f"{file.path}: tokenizer has {tokenizer.n_vocab} tokens, the model {args.n_vocab}")
+        transformer = Transformer(args, file, mode, torch.device(device))
+        return cls(file, args, tokenizer, transformer)
+
+    @property
+    def path(self) -> Path:
+        return self.file.path
+
+    @property
+    def n_vocab(self) -> int:
+        return self.args.n_vocab
+
+    @property
+    def n_embd(self) -> int:
+        return self.args.n_embd
+
+    def token_embeddings(self, tokens: list[int] | torch.Tensor) -> torch.Tensor:
+        """(n, n_embd) rows of the input embedding matrix, for Batch.from_embeddings."""
+        ids = torch.as_tensor(tokens, dtype=torch.long)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.n_vocab):
+            raise ValueError(f"token ids must be in [0, {self.n_vocab})")
+        return self.transformer.embed(ids)
