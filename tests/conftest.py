@@ -1,0 +1,53 @@
+"""Shared fixtures: the real SmolLM2 GGUF and tiny random models written by our own GGUF writer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gguflm.cli import default_model_path
+from gguflm.model import Model
+from gguflm.writer import make_tiny_model
+
+REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "smollm2-135m-instruct-q4_1"
+
+
+def reference(name: str) -> dict[str, Any]:
+    """A file of llama.cpp outputs from ../shared/reference."""
+    path = REFERENCE_DIR / name
+    if not path.is_file():
+        pytest.fail(f"reference data {path} is missing: the tests compare against it")
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path: Path) -> Model:
+    return Model.load(smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference_mode(smollm2_path: Path) -> Model:
+    return Model.load(smollm2_path, mode="reference")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "llama.gguf", "llama", tied_output=True, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen2.gguf", "qwen2", tied_output=False, seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_llama_path: Path) -> Model:
+    return Model.load(tiny_llama_path, mode="reference")
