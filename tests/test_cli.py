@@ -1,0 +1,124 @@
+"""End-to-end tests of the `gguflm` command on the real SmolLM2 model, against llama.cpp's outputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import reference
+
+from gguflm.cli import main
+
+TOKENIZE = reference("tokenize.json")["cases"]
+GREEDY = reference("greedy.json")["cases"]
+EMBEDDINGS = reference("embeddings.json")["cases"]
+GPL3 = Path("/usr/share/common-licenses/GPL-3")
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_tokenize_ids_like_llama_tokenize(capsys: pytest.CaptureFixture[str]) -> None:
+    case = next(c for c in TOKENIZE if c["text"] == "What is LoRA?" and not c["parse_special"])
+    code, out, _ = run_cli(capsys, "tokenize", "-p", case["text"], "--ids", "--no-bos", "--no-parse-special")
+    assert code == 0
+    assert json.loads(out) == case["ids"]
+
+
+def test_tokenize_pieces(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "tokenize", "-p", "Hello world")
+    assert code == 0
+    assert out.splitlines() == [" 19556 -> 'Hello'", "   905 -> ' world'"]
+
+
+def test_run_streams_greedy_text_like_llama_cpp() -> None:
+    """A real process: the continuation on stdout, nothing else there; the first words match llama.cpp."""
+    case = GREEDY[0]
+    proc = subprocess.run(
+        [sys.executable, "-m", "gguflm.cli", "run", "-p", case["prompt"], "-n", "6", "--temp", "0"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(case["prompt"])
+    continuation = proc.stdout[len(case["prompt"]) :].rstrip("\n")
+    assert len(continuation) > 5
+    assert case["text"].startswith(continuation)
+
+
+def test_run_without_prompt_display(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "run", "-p", "The capital of France is", "-n", "2", "--temp", "0",
+                           "--no-display-prompt")
+    assert code == 0
+    assert out.startswith(" Paris")
+
+
+def test_inspect(capsys: pytest.CaptureFixture[str], smollm2_path: Path) -> None:
+    code, out, _ = run_cli(capsys, "inspect", str(smollm2_path))
+    assert code == 0
+    assert "general.architecture = 'llama'" in out
+    assert any(line.split()[:3] == ["token_embd.weight", "Q8_0", "49152x576"] for line in out.splitlines())
+    assert "272 tensors" in out
+
+
+def test_missing_model_is_one_clear_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, out, err = run_cli(capsys, "run", "-m", str(tmp_path / "nope.gguf"), "-p", "hi")
+    assert code == 1 and out == ""
+    assert err.strip() == f"error: {tmp_path / 'nope.gguf'}: no such file"
+
+
+def test_not_a_gguf_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGML" + bytes(100))
+    code, _, err = run_cli(capsys, "inspect", str(bad))
+    assert code == 1 and "not a GGUF file" in err and "Traceback" not in err
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@pytest.mark.parametrize("case", EMBEDDINGS, ids=[f"{c['prompt'][:12]}-{c['pooling']}" for c in EMBEDDINGS])
+def test_embed_matches_llama_embedding(capsys: pytest.CaptureFixture[str], case: dict) -> None:
+    code, out, _ = run_cli(
+        capsys, "embed", "-p", case["prompt"], "--pooling", case["pooling"],
+        "--embd-normalize", str(case["embd_normalize"]), "--embd-output-format", "array",
+    )
+    assert code == 0
+    ours = np.array(json.loads(out))
+    theirs = np.array(case["embeddings"])
+    assert ours.shape == theirs.shape
+    assert min(cosine(a, b) for a, b in zip(ours, theirs, strict=True)) >= 0.99
+
+
+def test_embed_json_plus_has_openai_shape_and_similarities(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "embed", "-p", "a cat\na kitten\nthe stock market", "--embd-output-format", "json+")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["object"] == "list" and [d["index"] for d in doc["data"]] == [0, 1, 2]
+    assert all(len(d["embedding"]) == 576 for d in doc["data"])
+    assert all(abs(np.linalg.norm(d["embedding"]) - 1) < 1e-4 for d in doc["data"])
+    sim = np.array(doc["cosineSimilarity"])
+    assert sim.shape == (3, 3) and np.allclose(np.diag(sim), 1.0, atol=0.01)
+
+
+def test_embed_verbose_prompt_lists_tokens(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(capsys, "embed", "-p", "Hello world", "--verbose-prompt")
+    assert code == 0
+    assert "19556 -> 'Hello'" in err and "905 -> ' world'" in err
+
+
+def test_perplexity_gpl3_within_one_percent_of_llama_cpp(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "perplexity", "-f", str(GPL3), "-c", "512", "-b", "512")
+    assert code == 0
+    final = out.strip().splitlines()[-1]
+    assert final.startswith("Final estimate: PPL = ")
+    ppl = float(final.split()[4])
+    assert abs(ppl / 18.3914 - 1) < 0.01, ppl
+    assert out.count("[") == 14  # one running value per chunk
