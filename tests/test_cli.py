@@ -12,6 +12,8 @@ import pytest
 from conftest import reference
 
 from gguflm.cli import main
+from gguflm.generate import embed
+from gguflm.model import Model
 
 TOKENIZE = reference("tokenize.json")["cases"]
 GREEDY = reference("greedy.json")["cases"]
@@ -42,8 +44,10 @@ def test_run_streams_greedy_text_like_llama_cpp() -> None:
     """A real process: the continuation on stdout, nothing else there; the first words match llama.cpp."""
     case = GREEDY[0]
     proc = subprocess.run(
-        [sys.executable, "-m", "gguflm.cli", "run", "-p", case["prompt"], "-n", "6", "--temp", "0"],
-        capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "gguflm.cli", "run", "-p", case["prompt"], "-n", "4", "--temp", "0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(case["prompt"])
@@ -53,8 +57,9 @@ def test_run_streams_greedy_text_like_llama_cpp() -> None:
 
 
 def test_run_without_prompt_display(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run_cli(capsys, "run", "-p", "The capital of France is", "-n", "2", "--temp", "0",
-                           "--no-display-prompt")
+    code, out, _ = run_cli(
+        capsys, "run", "-p", "The capital of France is", "-n", "2", "--temp", "0", "--no-display-prompt"
+    )
     assert code == 0
     assert out.startswith(" Paris")
 
@@ -85,20 +90,28 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("case", EMBEDDINGS, ids=[f"{c['prompt'][:12]}-{c['pooling']}" for c in EMBEDDINGS])
-def test_embed_matches_llama_embedding(capsys: pytest.CaptureFixture[str], case: dict) -> None:
-    code, out, _ = run_cli(
-        capsys, "embed", "-p", case["prompt"], "--pooling", case["pooling"],
-        "--embd-normalize", str(case["embd_normalize"]), "--embd-output-format", "array",
-    )
-    assert code == 0
-    ours = np.array(json.loads(out))
+def test_embeddings_match_llama_embedding(smollm2: Model, case: dict) -> None:
+    tokens = smollm2.tokenizer.encode(case["prompt"], add_special=True, parse_special=True)
+    ours = np.array(embed(smollm2, [tokens], case["pooling"], case["embd_normalize"]))
     theirs = np.array(case["embeddings"])
     assert ours.shape == theirs.shape
     assert min(cosine(a, b) for a, b in zip(ours, theirs, strict=True)) >= 0.99
 
 
+def test_embed_array_output_is_what_llama_embedding_prints(capsys: pytest.CaptureFixture[str]) -> None:
+    case = next(c for c in EMBEDDINGS if c["pooling"] == "last")
+    code, out, _ = run_cli(
+        capsys, "embed", "-p", case["prompt"], "--pooling", "last", "--embd-output-format", "array"
+    )
+    assert code == 0
+    ours = np.array(json.loads(out))
+    assert ours.shape == (1, 576) and cosine(ours[0], np.array(case["embeddings"][0])) >= 0.99
+
+
 def test_embed_json_plus_has_openai_shape_and_similarities(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run_cli(capsys, "embed", "-p", "a cat\na kitten\nthe stock market", "--embd-output-format", "json+")
+    code, out, _ = run_cli(
+        capsys, "embed", "-p", "a cat\na kitten\nthe stock market", "--embd-output-format", "json+"
+    )
     assert code == 0
     doc = json.loads(out)
     assert doc["object"] == "list" and [d["index"] for d in doc["data"]] == [0, 1, 2]
@@ -122,3 +135,11 @@ def test_perplexity_gpl3_within_one_percent_of_llama_cpp(capsys: pytest.CaptureF
     ppl = float(final.split()[4])
     assert abs(ppl / 18.3914 - 1) < 0.01, ppl
     assert out.count("[") == 14  # one running value per chunk
+
+
+def test_embeddings_doc_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/embeddings.md promises a runnable example: run it."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "embeddings.md").read_text()
+    code = doc.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "docs/embeddings.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == "Paris"

@@ -59,9 +59,19 @@ def invalid_batches(model: Model) -> dict[str, Batch]:
 
 
 INVALID_CASES = [
-    "empty", "negative token", "token >= n_vocab", "tokens and embeddings", "neither", "embeddings too narrow",
-    "more than n_batch", "sequence id too large", "negative sequence id", "gap after the cache",
-    "gap inside the batch", "repeats a cached position", "pos of the wrong length",
+    "empty",
+    "negative token",
+    "token >= n_vocab",
+    "tokens and embeddings",
+    "neither",
+    "embeddings too narrow",
+    "more than n_batch",
+    "sequence id too large",
+    "negative sequence id",
+    "gap after the cache",
+    "gap inside the batch",
+    "repeats a cached position",
+    "pos of the wrong length",
 ]
 
 
@@ -122,10 +132,17 @@ def test_sequences_in_one_batch_equal_each_alone(tiny_llama: Model) -> None:
     a, b, c = (tokens_of(n, s, tiny_llama.n_vocab) for n, s in ((9, 1), (5, 2), (12, 3)))
     ctx = Context(tiny_llama, n_ctx=64, n_batch=64, n_ubatch=8, n_seq_max=3)
     # interleave the three sequences token by token
-    order = sorted([(i, 0, t) for i, t in enumerate(a)] + [(i, 1, t) for i, t in enumerate(b)]
-                   + [(i, 2, t) for i, t in enumerate(c)])
-    batch = Batch.from_tokens([t for _, _, t in order], pos=[i for i, _, _ in order],
-                              seq_ids=[[s] for _, s, _ in order], output=[True] * len(order))
+    order = sorted(
+        [(i, 0, t) for i, t in enumerate(a)]
+        + [(i, 1, t) for i, t in enumerate(b)]
+        + [(i, 2, t) for i, t in enumerate(c)]
+    )
+    batch = Batch.from_tokens(
+        [t for _, _, t in order],
+        pos=[i for i, _, _ in order],
+        seq_ids=[[s] for _, s, _ in order],
+        output=[True] * len(order),
+    )
     assert ctx.decode(batch) == 0
     for s, toks in enumerate((a, b, c)):
         idx = [k for k, (_, seq, _) in enumerate(order) if seq == s]
@@ -216,7 +233,9 @@ def programs(draw: st.DrawFn) -> list[tuple]:
         if kind == "decode":
             n_seqs = draw(st.integers(1, N_SEQ))
             seqs = draw(st.lists(st.integers(0, N_SEQ - 1), min_size=n_seqs, max_size=n_seqs, unique=True))
-            ops.append(("decode", [(s, draw(st.lists(st.integers(0, 383), min_size=1, max_size=4))) for s in seqs]))
+            ops.append(
+                ("decode", [(s, draw(st.lists(st.integers(0, 383), min_size=1, max_size=4))) for s in seqs])
+            )
         elif kind == "rm_tail":
             ops.append(("rm_tail", draw(st.integers(0, N_SEQ - 1)), draw(st.integers(0, 6))))
         elif kind == "cp":

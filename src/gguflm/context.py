@@ -66,7 +66,9 @@ class Context:
         if min(n_ctx, n_batch, n_ubatch, n_seq_max) <= 0:
             raise ValueError("n_ctx, n_batch, n_ubatch and n_seq_max must be positive")
         if n_ctx > model.args.n_ctx_train:
-            log.warning("n_ctx %d is larger than the model was trained for (%d)", n_ctx, model.args.n_ctx_train)
+            log.warning(
+                "n_ctx %d is larger than the model was trained for (%d)", n_ctx, model.args.n_ctx_train
+            )
         self.model = model
         self.n_ctx = n_ctx
         self.n_batch = n_batch
@@ -102,7 +104,9 @@ class Context:
         n = batch.n_tokens
         cells = self.kv.find_slots(n)
         if cells is None:
-            log.warning("decode: no KV cache slot for %d tokens (%d of %d cells used)", n, self.kv.n_used, self.n_ctx)
+            log.warning(
+                "decode: no KV cache slot for %d tokens (%d of %d cells used)", n, self.kv.n_used, self.n_ctx
+            )
             return DECODE_NO_SLOT
         state = self.kv.snapshot()
         try:
@@ -134,7 +138,11 @@ class Context:
                 log.error("decode: invalid token[%d] = %d", i, int(batch.tokens[i]))
                 return None
         elif batch.embd is not None and (batch.embd.dim() != 2 or batch.embd.shape[1] != args.n_embd):
-            log.error("decode: embeddings have shape %s, expected (n_tokens, %d)", tuple(batch.embd.shape), args.n_embd)
+            log.error(
+                "decode: embeddings have shape %s, expected (n_tokens, %d)",
+                tuple(batch.embd.shape),
+                args.n_embd,
+            )
             return None
         for name, field in (("pos", batch.pos), ("seq_ids", batch.seq_ids), ("output", batch.output)):
             if field is not None and len(field) != n:
@@ -218,7 +226,9 @@ class Context:
             outs.append(h)
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
-    def _store_outputs(self, hidden: torch.Tensor, pos: np.ndarray, seq: np.ndarray, output: np.ndarray) -> None:
+    def _store_outputs(
+        self, hidden: torch.Tensor, pos: np.ndarray, seq: np.ndarray, output: np.ndarray
+    ) -> None:
         out_idx = np.flatnonzero(output)
         self._out_row = np.full(len(output), -1, dtype=np.int64)
         self._out_row[out_idx] = np.arange(len(out_idx))
@@ -276,7 +286,9 @@ class Context:
     def embeddings_seq(self, seq_id: int) -> torch.Tensor:
         """(n_embd,) pooled embedding of a sequence of the last batch."""
         if not self.embeddings_enabled or self.pooling == "none":
-            raise ValueError("no pooled embeddings: create the Context with embeddings=True and a pooling type")
+            raise ValueError(
+                "no pooled embeddings: create the Context with embeddings=True and a pooling type"
+            )
         if seq_id not in self._pooled:
             raise ValueError(f"sequence {seq_id} was not in the last batch")
         return self._pooled[seq_id]

@@ -7,7 +7,8 @@ from collections.abc import Callable, Iterator
 import torch
 
 from gguflm.batch import Batch
-from gguflm.context import DECODE_OK, Context
+from gguflm.context import DECODE_OK, Context, normalize
+from gguflm.model import Model
 
 
 class DecodeError(RuntimeError):
@@ -57,3 +58,22 @@ def generate(
         status = ctx.decode(Batch.from_tokens([token], seq_ids=[[seq_id]]))
         if status != DECODE_OK:
             raise DecodeError(status, "a generated token")
+
+
+def embed(model: Model, prompts: list[list[int]], pooling: str, embd_normalize: int = 2) -> list[list[float]]:
+    """Embeddings of tokenized prompts, like llama-embedding: one vector per prompt when pooling,
+    one per token with pooling "none"; each normalized with llama.cpp's common_embd_normalize."""
+    n_ctx = max(len(p) for p in prompts)
+    ctx = Context(model, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, embeddings=True, pooling=pooling)
+    vectors: list[list[float]] = []
+    for tokens in prompts:
+        ctx.kv.clear()
+        status = ctx.decode(Batch.from_tokens(tokens))
+        if status != DECODE_OK:
+            raise DecodeError(status, "an embedding prompt")
+        if pooling == "none":
+            rows = [ctx.embeddings(i) for i in range(len(tokens))]
+        else:
+            rows = [ctx.embeddings_seq(0)]
+        vectors.extend(normalize(r, embd_normalize).tolist() for r in rows)
+    return vectors

@@ -50,7 +50,19 @@ def _check_header(path: Path) -> None:
         raise GGUFError(f"{path}: unsupported GGUF version {version} (supported: 2, 3)")
 
 
-_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType -> bytes
+_SCALAR_SIZES = {
+    0: 1,
+    1: 1,
+    2: 2,
+    3: 2,
+    4: 4,
+    5: 4,
+    6: 4,
+    7: 1,
+    10: 8,
+    11: 8,
+    12: 8,
+}  # GGUFValueType -> bytes
 _STRING, _ARRAY = 8, 9
 
 
@@ -98,7 +110,19 @@ def _diagnose(path: Path) -> str | None:
             return None
         if vtype not in _SCALAR_SIZES:
             raise ValueError(f"unknown metadata value type {vtype}")
-        fmt = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+        fmt = {
+            0: "<B",
+            1: "<b",
+            2: "<H",
+            3: "<h",
+            4: "<I",
+            5: "<i",
+            6: "<f",
+            7: "<?",
+            10: "<Q",
+            11: "<q",
+            12: "<d",
+        }
         return take(fmt[vtype])
 
     try:
@@ -156,7 +180,9 @@ class GGUFFile:
             raise GGUFError(f"{self.path}: no such file")
         _check_header(self.path)
         try:
-            reader = gguf.GGUFReader(self.path, "c")  # copy-on-write: torch wants writable arrays; nothing is copied
+            reader = gguf.GGUFReader(
+                self.path, "c"
+            )  # copy-on-write: torch wants writable arrays; nothing is copied
         except (ValueError, IndexError, struct.error, OverflowError, KeyError, TypeError) as e:
             problem = _diagnose(self.path) or f"corrupt or truncated GGUF file ({type(e).__name__}: {e})"
             raise GGUFError(f"{self.path}: {problem}") from e
@@ -188,7 +214,9 @@ class GGUFFile:
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         block, type_size = gguf.GGML_QUANT_SIZES[qtype]
         if shape and shape[-1] % block:
-            raise GGUFError(f"{self.path}: tensor {t.name!r} row length {shape[-1]} is not a multiple of {block}")
+            raise GGUFError(
+                f"{self.path}: tensor {t.name!r} row length {shape[-1]} is not a multiple of {block}"
+            )
         n_elements = int(np.prod(shape)) if shape else 1
         n_bytes = n_elements // block * type_size
         if t.data_offset + n_bytes > file_size:

@@ -91,7 +91,11 @@ class Transformer:
                 Layer(
                     attn_norm=vector(f"{p}.attn_norm.weight", a.n_embd),
                     wqkv=linear(
-                        [(f"{p}.attn_q", a.n_head * hd), (f"{p}.attn_k", a.n_embd_kv), (f"{p}.attn_v", a.n_embd_kv)],
+                        [
+                            (f"{p}.attn_q", a.n_head * hd),
+                            (f"{p}.attn_k", a.n_embd_kv),
+                            (f"{p}.attn_v", a.n_embd_kv),
+                        ],
                         a.n_embd,
                         biases=a.qkv_bias,
                     ),
@@ -157,7 +161,9 @@ class Transformer:
 class Model:
     """A GGUF model: metadata, ModelArgs, tokenizer and transformer weights (kept in their GGUF format)."""
 
-    def __init__(self, file: GGUFFile, args: ModelArgs, tokenizer: Tokenizer, transformer: Transformer) -> None:
+    def __init__(
+        self, file: GGUFFile, args: ModelArgs, tokenizer: Tokenizer, transformer: Transformer
+    ) -> None:
         self.file = file
         self.args = args
         self.tokenizer = tokenizer
@@ -174,7 +180,9 @@ class Model:
         args = ModelArgs.from_gguf(file)
         tokenizer = Tokenizer.from_metadata(file.metadata, source=str(file.path))
         if tokenizer.n_vocab != args.n_vocab:
-            raise GGUFError(f"{file.path}: tokenizer has {tokenizer.n_vocab} tokens, the model {args.n_vocab}")
+            raise GGUFError(
+                f"{file.path}: tokenizer has {tokenizer.n_vocab} tokens, the model {args.n_vocab}"
+            )
         transformer = Transformer(args, file, mode, torch.device(device))
         return cls(file, args, tokenizer, transformer)
 

@@ -1,0 +1,594 @@
+"""GGML block formats in torch: exact dequantization, and a linear layer that keeps weights packed.
+
+`dequantize` reproduces `gguf.quants.dequantize` bit for bit: the same f16 -> f32 scale conversion and
+the same fp32 operations in the same order (no fused multiply-adds), so tests can demand equality.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
+
+import gguf
+import torch
+import torch.nn.functional as F
+
+QT = gguf.GGMLQuantizationType
+QK_K = 256  # elements in a K-quant super-block
+
+SUPPORTED_TYPES: tuple[QT, ...] = (
+    QT.F32,
+    QT.F16,
+    QT.BF16,
+    QT.Q4_0,
+    QT.Q4_1,
+    QT.Q5_0,
+    QT.Q5_1,
+    QT.Q8_0,
+    QT.Q2_K,
+    QT.Q3_K,
+    QT.Q4_K,
+    QT.Q5_K,
+    QT.Q6_K,
+)
+FLOAT_TYPES: tuple[QT, ...] = (QT.F32, QT.F16, QT.BF16)
+
+
+def _check_type(qtype: QT) -> QT:
+    """Name the type in the error: callers see tensors by name and need to know which format is missing."""
+    try:
+        qtype = QT(qtype)
+    except ValueError as e:
+        raise ValueError(f"unknown GGML quantization type {qtype!r}") from e
+    if qtype not in SUPPORTED_TYPES:
+        supported = ", ".join(t.name for t in SUPPORTED_TYPES)
+        raise ValueError(f"unsupported GGML type {qtype.name} (supported: {supported})")
+    return qtype
+
+
+def row_nbytes(qtype: QT, n: int) -> int:
+    """Bytes of one row of `n` elements; rows of a GGUF matrix are whole blocks, back to back."""
+    block, type_size = gguf.GGML_QUANT_SIZES[QT(qtype)]
+    if n % block:
+        raise ValueError(f"row length {n} is not a multiple of the {QT(qtype).name} block size {block}")
+    return n // block * type_size
+
+
+# ---------------------------------------------------------------------------------------------------
+# Unpacking: raw block bytes -> integer codes and fp32 scales. Shared by dequantize and the int4 packer.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _view_as(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Flat bytes reinterpreted as `dtype`, copying only when the bytes are misaligned for it."""
+    try:
+        return raw.view(dtype)
+    except RuntimeError:
+        return raw.clone().view(dtype)
+
+
+def _f16(blocks: torch.Tensor, off: int) -> torch.Tensor:
+    """The f16 field at byte `off` of every block as fp32 (nb, 1); exact, like numpy's astype."""
+    field = blocks[:, off : off + 2]  # (nb, 2) uint8, strided view of the raw bytes
+    try:
+        return field.view(torch.float16).float()
+    except RuntimeError:  # odd storage offset: dtype views need aligned strides
+        return field.contiguous().view(torch.float16).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """(..., n) bytes -> (..., 2n): low nibbles first, then high nibbles (the layout of every 4-bit field)."""
+    return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
+
+
+def _bits(b: torch.Tensor, n_planes: int, width: int) -> torch.Tensor:
+    """(..., n) bytes -> (..., n_planes, n): field i of byte j at [..., i, j], fields `width` bits wide."""
+    shifts = torch.arange(0, n_planes * width, width, dtype=torch.uint8, device=b.device).view(n_planes, 1)
+    return (b.unsqueeze(-2) >> shifts) & ((1 << width) - 1)
+
+
+def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K: 12 bytes of packed 6-bit (scale, min) pairs for 8 sub-blocks -> two (nb, 8) uint8."""
+    d = scales[:, 0:4]  # (nb, 4) low 6 bits: scales 0-3; top 2 bits: high bits of scales 4-7
+    m = scales[:, 4:8]  # (nb, 4) same for the mins
+    md = scales[:, 8:12]  # (nb, 4) low nibble: scales 4-7, high nibble: mins 4-7
+    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=-1)  # (nb, 8)
+    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=-1)  # (nb, 8)
+    return sc, mn
+
+
+def _q5_codes(qh: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
+    """Q5_0/Q5_1: 4 bytes of high bits (bit i = element i) + 16 nibble bytes -> (nb, 32) uint8 0..31."""
+    high = _bits(qh, 8, 1).transpose(-1, -2).reshape(qh.shape[0], 32)  # (nb, 32): byte i//8, bit i%8
+    return _nibbles(qs) | (high << 4)
+
+
+def _k_high_bits(qh: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Q3_K/Q5_K: 32 bytes; bit j of byte l belongs to element 32*j + l -> (nb, n_groups, 256/n_groups)."""
+    return _bits(qh, 8, 1).reshape(qh.shape[0], n_groups, QK_K // n_groups)
+
+
+# Each _unpack_* returns (codes, fields): codes are the integer quants laid out as (nb, groups, group),
+# fields the fp32 per-block scalars (nb, 1) and per-group integer scales (nb, groups).
+
+
+def _unpack_q3_k(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> d (nb, 1) f32, sc (nb, 16) f32 in -32..31, q (nb, 16, 16) f32 in -4..3."""
+    nb = blocks.shape[0]
+    hmask, qs, scales = blocks[:, 0:32], blocks[:, 32:96], blocks[:, 96:108]
+    d = _f16(blocks, 108)
+    low = _bits(scales[:, 0:8], 2, 4).reshape(nb, 16)  # (nb, 16) low 4 bits of each scale
+    high = _bits(scales[:, 8:12], 4, 2).reshape(nb, 16)  # (nb, 16) high 2 bits
+    sc = (low | (high << 4)).float() - 32.0  # (nb, 16)
+    ql = _bits(qs.reshape(nb, 2, 32), 4, 2).reshape(nb, 16, 16)  # (nb, 16, 16) 0..3
+    qh = _k_high_bits(hmask, 16)  # (nb, 16, 16) 0/1: a set bit means no offset
+    q = ql.float() - 4.0 * (1 - qh).float()  # (nb, 16, 16)
+    return d, sc, q
+
+
+def _unpack_q6_k(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> d (nb, 1) f32, sc (nb, 16) f32 (int8 scales), q (nb, 16, 16) uint8 in 0..63 (value is q - 32)."""
+    nb = blocks.shape[0]
+    ql, qh = blocks[:, 0:128], blocks[:, 128:192]
+    sc = blocks[:, 192:208].contiguous().view(torch.int8).float()  # (nb, 16)
+    d = _f16(blocks, 208)
+    low = _bits(ql.reshape(nb, 2, 64), 2, 4).reshape(nb, 8, 32)  # (nb, 8, 32) 0..15
+    high = _bits(qh.reshape(nb, 2, 32), 4, 2).reshape(nb, 8, 32)  # (nb, 8, 32) 0..3
+    q = (low | (high << 4)).reshape(nb, 16, 16)
+    return d, sc, q
+
+
+def _unpack_q2_k(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> dl, ml (nb, 16, 1) f32 per-sub-block scale and min, q (nb, 16, 16) uint8 in 0..3."""
+    nb = blocks.shape[0]
+    scales, qs = blocks[:, 0:16], blocks[:, 16:80]
+    d, dmin = _f16(blocks, 80), _f16(blocks, 82)
+    dl = (d * (scales & 0x0F).float()).unsqueeze(-1)  # (nb, 16, 1)
+    ml = (dmin * (scales >> 4).float()).unsqueeze(-1)  # (nb, 16, 1)
+    q = _bits(qs.reshape(nb, 2, 32), 4, 2).reshape(nb, 16, 16)
+    return dl, ml, q
+
+
+def _unpack_q45_k(blocks: torch.Tensor, five: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K -> s, mn (nb, 8, 1) f32 sub-block scale and min, q (nb, 8, 32) uint8."""
+    nb = blocks.shape[0]
+    d, dmin = _f16(blocks, 0), _f16(blocks, 2)
+    sc, mn = _k_scale_min(blocks[:, 4:16])
+    s = (d * sc.float()).unsqueeze(-1)  # (nb, 8, 1)
+    m = (dmin * mn.float()).unsqueeze(-1)  # (nb, 8, 1)
+    qs = blocks[:, 48:176] if five else blocks[:, 16:144]
+    q = _nibbles(qs.reshape(nb, 4, 32)).reshape(nb, 8, 32)  # (nb, 8, 32)
+    if five:
+        q = q | (_k_high_bits(blocks[:, 16:48], 8) << 4)
+    return s, m, q
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dequantization: blocks (nb, type_size) uint8 -> (nb, block_size) fp32, in gguf's order of operations.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _dq_q4_0(b: torch.Tensor) -> torch.Tensor:
+    return _f16(b, 0) * (_nibbles(b[:, 2:18]).float() - 8.0)
+
+
+def _dq_q4_1(b: torch.Tensor) -> torch.Tensor:
+    return _f16(b, 0) * _nibbles(b[:, 4:20]).float() + _f16(b, 2)
+
+
+def _dq_q5_0(b: torch.Tensor) -> torch.Tensor:
+    return _f16(b, 0) * (_q5_codes(b[:, 2:6], b[:, 6:22]).float() - 16.0)
+
+
+def _dq_q5_1(b: torch.Tensor) -> torch.Tensor:
+    return _f16(b, 0) * _q5_codes(b[:, 4:8], b[:, 8:24]).float() + _f16(b, 2)
+
+
+def _dq_q8_0(b: torch.Tensor) -> torch.Tensor:
+    return b[:, 2:34].contiguous().view(torch.int8).float() * _f16(b, 0)
+
+
+def _dq_q2_k(b: torch.Tensor) -> torch.Tensor:
+    dl, ml, q = _unpack_q2_k(b)
+    return (dl * q.float() - ml).reshape(b.shape[0], QK_K)
+
+
+def _dq_q3_k(b: torch.Tensor) -> torch.Tensor:
+    d, sc, q = _unpack_q3_k(b)
+    return ((d * sc).unsqueeze(-1) * q).reshape(b.shape[0], QK_K)
+
+
+def _dq_q4_k(b: torch.Tensor) -> torch.Tensor:
+    s, m, q = _unpack_q45_k(b, five=False)
+    return (s * q.float() - m).reshape(b.shape[0], QK_K)
+
+
+def _dq_q5_k(b: torch.Tensor) -> torch.Tensor:
+    s, m, q = _unpack_q45_k(b, five=True)
+    return (s * q.float() - m).reshape(b.shape[0], QK_K)
+
+
+def _dq_q6_k(b: torch.Tensor) -> torch.Tensor:
+    d, sc, q = _unpack_q6_k(b)
+    return ((d * sc).unsqueeze(-1) * (q.float() - 32.0)).reshape(b.shape[0], QK_K)
+
+
+_DEQUANT_BLOCKS: dict[QT, Callable[[torch.Tensor], torch.Tensor]] = {
+    QT.Q4_0: _dq_q4_0,
+    QT.Q4_1: _dq_q4_1,
+    QT.Q5_0: _dq_q5_0,
+    QT.Q5_1: _dq_q5_1,
+    QT.Q8_0: _dq_q8_0,
+    QT.Q2_K: _dq_q2_k,
+    QT.Q3_K: _dq_q3_k,
+    QT.Q4_K: _dq_q4_k,
+    QT.Q5_K: _dq_q5_k,
+    QT.Q6_K: _dq_q6_k,
+}
+
+
+def dequantize(data: torch.Tensor, qtype: QT, shape: tuple[int, ...]) -> torch.Tensor:
+    """Raw GGUF bytes (flat uint8, never written) -> fp32 tensor of `shape` (torch order, rows last).
+
+    Bit-exact with `gguf.quants.dequantize`, so it is the reference every fast path is checked against.
+    """
+    qtype = _check_type(qtype)
+    shape = tuple(int(s) for s in shape)
+    n = 1
+    for s in shape:
+        n *= s
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    if shape and shape[-1] % block:
+        raise ValueError(f"row length {shape[-1]} is not a multiple of the {qtype.name} block size {block}")
+    n_bytes = n // block * type_size
+    raw = data.reshape(-1)
+    if raw.dtype != torch.uint8 or raw.numel() != n_bytes:
+        raise ValueError(
+            f"{qtype.name} tensor of shape {shape} needs {n_bytes} uint8 bytes, got {raw.numel()} {raw.dtype}"
+        )
+    if qtype == QT.F32:
+        out = _view_as(raw, torch.float32).clone()
+    elif qtype == QT.F16:
+        out = _view_as(raw, torch.float16).float()
+    elif qtype == QT.BF16:
+        out = (_view_as(raw, torch.int16).to(torch.int32) << 16).view(torch.float32)
+    else:
+        out = _DEQUANT_BLOCKS[qtype](raw.view(-1, type_size))
+    return out.reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Int4 planes: every block format below as a sum of planes w = (q4 - 8) * s + z, q4 in 0..15, one
+# (s, z) per group of `group` elements along a row -- the form torch's int4 CPU kernel computes.
+# ---------------------------------------------------------------------------------------------------
+
+
+class _Plane(NamedTuple):
+    q4: torch.Tensor  # (nb, groups, group) integer codes 0..15
+    s: torch.Tensor  # (nb, groups) fp32 scale
+    z: torch.Tensor  # (nb, groups) fp32 zero: the weight of code 8
+
+
+def _split5(q: torch.Tensor, s: torch.Tensor, z_low: torch.Tensor) -> list[_Plane]:
+    """A 5-bit code q = low + 16 high as two exact planes: (low - 8) s + z_low, and (high + 8 - 8) 16 s."""
+    return [_Plane(q & 0x0F, s, z_low), _Plane((q >> 4) + 8, 16 * s, torch.zeros_like(s))]
+
+
+def _planes(qtype: QT, b: torch.Tensor) -> tuple[int, list[_Plane]]:
+    """blocks (nb, type_size) -> (group size 32 or 16, planes) whose sum is the block's weights, exactly."""
+    nb = b.shape[0]
+    if qtype == QT.Q4_0:
+        d = _f16(b, 0)
+        return 32, [_Plane(_nibbles(b[:, 2:18]).view(nb, 1, 32), d, torch.zeros_like(d))]
+    if qtype == QT.Q4_1:
+        d, m = _f16(b, 0), _f16(b, 2)
+        return 32, [_Plane(_nibbles(b[:, 4:20]).view(nb, 1, 32), d, m + 8 * d)]
+    if qtype == QT.Q5_0:
+        d = _f16(b, 0)
+        return 32, _split5(_q5_codes(b[:, 2:6], b[:, 6:22]).view(nb, 1, 32), d, -8 * d)
+    if qtype == QT.Q5_1:
+        d, m = _f16(b, 0), _f16(b, 2)
+        return 32, _split5(_q5_codes(b[:, 4:8], b[:, 8:24]).view(nb, 1, 32), d, m + 8 * d)
+    if qtype == QT.Q8_0:
+        d = _f16(b, 0)
+        q = b[:, 2:34].contiguous().view(torch.int8).view(nb, 1, 32)  # (nb, 1, 32) -128..127 = 16 hi + lo
+        return 32, [_Plane(q & 0x0F, d, 8 * d), _Plane((q >> 4) + 8, 16 * d, torch.zeros_like(d))]
+    if qtype == QT.Q2_K:
+        dl, ml, q = _unpack_q2_k(b)
+        dl, ml = dl.squeeze(-1), ml.squeeze(-1)  # (nb, 16)
+        return 16, [_Plane(q + 6, dl, 2 * dl - ml)]  # z: the weight of q = 2, mid-range, least bf16 error
+    if qtype == QT.Q3_K:
+        d, sc, q = _unpack_q3_k(b)
+        s = d * sc  # (nb, 16)
+        return 16, [_Plane((q + 8).to(torch.uint8), s, torch.zeros_like(s))]
+    if qtype in (QT.Q4_K, QT.Q5_K):
+        s, m, q = _unpack_q45_k(b, five=qtype == QT.Q5_K)
+        s, m = s.squeeze(-1), m.squeeze(-1)  # (nb, 8)
+        if qtype == QT.Q4_K:
+            return 32, [_Plane(q, s, 8 * s - m)]
+        return 32, _split5(q, s, 8 * s - m)
+    if qtype == QT.Q6_K:
+        d, sc, q = _unpack_q6_k(b)
+        s = d * sc  # (nb, 16); weight = s (q - 32) = s low + 16 s (high - 2); zeros are exact in bf16
+        return 16, [_Plane(q & 0x0F, s, 8 * s), _Plane((q >> 4) + 6, 16 * s, torch.zeros_like(s))]
+    raise ValueError(f"no int4 planes for {qtype.name}")
+
+
+class _Int4Weight(NamedTuple):
+    packed: torch.Tensor  # (n_pad, k_packed / 2) uint8, torch's opaque int4 CPU layout
+    scales_zeros: torch.Tensor  # (k_packed / 32, n_pad, 2) bf16
+    n_planes: int
+    padded: bool  # 16-element groups, each padded to 32 with zero activations
+
+
+def _pack_int4(qtype: QT, parts: Sequence[tuple[torch.Tensor, int]], k: int) -> _Int4Weight:
+    """Pack row-major block bytes (parts of rows stacked along the output dim) for the int4 kernel.
+
+    Activations are laid out [plane 0 | plane 1 | ...] along K, each plane padded per 16-group when the
+    format's groups are 16 wide, so x' = cat([pad(x)] * n_planes) turns the sum of planes into one matmul.
+    """
+    _, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    row_bytes = row_nbytes(qtype, k)
+    codes, s_z = [], []
+    group, n_planes = 32, 1
+    for data, n_rows in parts:
+        rows = data.reshape(n_rows, row_bytes)
+        for r0 in range(0, n_rows, _PACK_CHUNK_ROWS):  # bounded fp32 temporaries
+            chunk = rows[r0 : r0 + _PACK_CHUNK_ROWS]
+            n = chunk.shape[0]
+            group, planes = _planes(qtype, chunk.reshape(-1, type_size))
+            n_planes = len(planes)
+            qs = []
+            for p in planes:
+                q4 = p.q4.reshape(n, k // group, group).to(torch.uint8)  # (n, groups, group)
+                if group == 16:
+                    q4 = torch.cat([q4, torch.full_like(q4, 8)], dim=-1)  # (n, groups, 32)
+                qs.append(q4.reshape(n, -1))
+            codes.append(torch.cat(qs, dim=-1))  # (n, k') uint8
+            s = torch.cat([p.s.reshape(n, -1) for p in planes], dim=-1)  # (n, k'/32)
+            z = torch.cat([p.z.reshape(n, -1) for p in planes], dim=-1)  # (n, k'/32)
+            s_z.append(torch.stack([s, z], dim=-1).to(torch.bfloat16))  # (n, k'/32, 2)
+    q = torch.cat(codes)  # (N, k') uint8
+    sz = torch.cat(s_z)  # (N, k'/32, 2) bf16
+    pad = -q.shape[0] % 16  # the packer wants N % 16 == 0; padded rows are sliced off the output
+    if pad:
+        q = torch.cat([q, q.new_full((pad, q.shape[1]), 8)])
+        sz = torch.cat([sz, sz.new_zeros(pad, *sz.shape[1:])])
+    packed = [
+        torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[r0 : r0 + _PACK_CHUNK_ROWS].to(torch.int32), 2)
+        for r0 in range(0, q.shape[0], _PACK_CHUNK_ROWS)  # the packed layout repeats every 64 rows
+    ]
+    return _Int4Weight(
+        packed=torch.cat(packed),
+        scales_zeros=sz.transpose(0, 1).contiguous(),  # (k'/32, N, 2)
+        n_planes=n_planes,
+        padded=group == 16,
+    )
+
+
+_PACK_CHUNK_ROWS = 4096  # a multiple of 64
+
+
+# ---------------------------------------------------------------------------------------------------
+# The packed linear layer.
+# ---------------------------------------------------------------------------------------------------
+
+MODES = ("fast", "reference")
+KERNELS = ("int4", "bf16", "f32", "dequant")
+# Formats the fast mode keeps as a bf16 matrix instead of int4 planes: Q6_K's 16-wide groups would need
+# four padded planes (2.5 bytes/weight, no faster than bf16 at 2), F16 converts losslessly enough.
+_BF16_COPY_TYPES = (QT.BF16, QT.F16, QT.Q6_K)
+# Activation rows up to which the int4 kernel beats dequantizing to bf16 + a bf16 matmul (2 cores, AMX):
+# the kernel costs ~M * K' * N (it re-expands the weights for every row), the other ~N * K + M * N * K / 8.
+# Crossovers measured on 576x1536 and 1536x1024 (benchmarks/bench_quants.py --split): ~100-120 rows for
+# one plane, 25-30 for Q8_0 (cheap to dequantize), 50-100 for the other two-plane / padded formats.
+_INT4_MAX_ROWS = {
+    QT.Q4_0: 96,
+    QT.Q4_1: 96,
+    QT.Q4_K: 96,
+    QT.Q5_0: 64,
+    QT.Q5_1: 64,
+    QT.Q5_K: 48,
+    QT.Q8_0: 24,
+    QT.Q2_K: 48,
+    QT.Q3_K: 64,
+    QT.Q6_K: 16,  # only with kernel="int4" forced: four padded planes
+}
+_CHUNK_ELEMENTS = 1 << 20  # rows dequantized at a time: fp32 temporaries stay around 4 MiB
+
+
+class QuantizedLinear(torch.nn.Module):
+    """y = x W^T (+ b) with W kept in its GGUF block format: nothing dequantizes a whole model to float.
+
+    mode="reference": W is dequantized exactly (fp32, a chunk of rows at a time) for every call.
+    mode="fast": a kernel chosen per format (`kernel`):
+      "int4"    Q4_0/Q4_1/Q4_K as one int4 plane; Q5_*, Q8_0 as two (5/8-bit codes split into nibbles);
+                Q2_K/Q3_K as one plane with each 16-group padded to 32: torch's int4 CPU kernel with bf16
+                activations and bf16 scales. Beyond a few rows (prefill) it dequantizes a chunk of rows
+                to bf16 per call and uses a bf16 matmul, which is then several times faster.
+      "bf16"    BF16/F16/Q6_K: a bf16 copy of W (BF16 is used in place).
+      "f32"     F32: W used in place.
+    Measured on 2 cores (torch 2.13, AVX512-BF16 + AMX), ms per call, Q8_0 / Q4_1 (fp32 F.linear: dense):
+      M=1    1536x576: int4 0.062 / 0.035, fp32 0.030;  49152x576: int4 1.39 / 0.74, fp32 2.2
+      M=16   1536x576: int4 0.34 / 0.17,   fp32 0.15;   49152x576: int4 10.6 / 5.6,  fp32 7.3
+      M=512  1536x576: deq-bf16 1.1 / 1.9, fp32 2.5;    49152x576: deq-bf16 71 / 115, fp32 88-113
+    The int4 kernel streams 0.5 byte per code but re-expands the weights for every activation row, so it
+    only wins for decoding; dense bf16 copies would win prefill but double the memory of the file.
+    """
+
+    def __init__(
+        self,
+        data: torch.Tensor,
+        qtype: QT,
+        shape: tuple[int, int],
+        mode: str = "fast",
+        bias: torch.Tensor | None = None,
+        device: torch.device | str | None = None,
+        kernel: str | None = None,
+    ) -> None:
+        super().__init__()
+        if len(shape) != 2:
+            raise ValueError(f"a linear weight is 2-D (out_features, in_features), got shape {tuple(shape)}")
+        self._init([(data, int(shape[0]))], qtype, int(shape[1]), mode, bias, device, kernel)
+
+    @classmethod
+    def concat(
+        cls,
+        weights: Sequence[tuple[torch.Tensor, QT, tuple[int, ...]]],
+        mode: str = "fast",
+        bias: torch.Tensor | None = None,
+        device: torch.device | str | None = None,
+        kernel: str | None = None,
+    ) -> QuantizedLinear:
+        """One layer from (data, qtype, (out_i, in)) weights stacked along the output dim (fused Q/K/V).
+
+        Rows of a row-major matrix are whole blocks, so the stacked matrix is the parts' bytes in order.
+        """
+        if not weights:
+            raise ValueError("concat needs at least one weight")
+        qtype, k = QT(weights[0][1]), int(weights[0][2][-1])
+        parts = []
+        for data, qt, shape in weights:
+            if len(shape) != 2:
+                raise ValueError(
+                    f"a linear weight is 2-D (out_features, in_features), got shape {tuple(shape)}"
+                )
+            if QT(qt) != qtype or int(shape[1]) != k:
+                raise ValueError(
+                    f"concat needs one type and in_features: got {QT(qt).name} {tuple(shape)} "
+                    f"after {qtype.name} (*, {k})"
+                )
+            parts.append((data, int(shape[0])))
+        self = cls.__new__(cls)
+        torch.nn.Module.__init__(self)
+        self._init(parts, qtype, k, mode, bias, device, kernel)
+        return self
+
+    def _init(
+        self,
+        parts: list[tuple[torch.Tensor, int]],
+        qtype: QT,
+        k: int,
+        mode: str,
+        bias: torch.Tensor | None,
+        device: torch.device | str | None,
+        kernel: str | None,
+    ) -> None:
+        self.qtype = _check_type(qtype)
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r} (expected one of {MODES})")
+        self.mode = mode
+        self.in_features = k
+        self.out_features = sum(n for _, n in parts)
+        self.device = torch.device(device) if device is not None else parts[0][0].device
+        row_bytes = row_nbytes(self.qtype, k)
+        self._row_bytes = row_bytes
+        self._parts: list[tuple[torch.Tensor, int]] = []  # raw bytes (never written) and row count
+        for data, n in parts:
+            raw = data.reshape(-1)
+            if raw.dtype != torch.uint8 or raw.numel() != n * row_bytes:
+                raise ValueError(
+                    f"{self.qtype.name} weight ({n}, {k}) needs {n * row_bytes} uint8 bytes, "
+                    f"got {raw.numel()} {raw.dtype}"
+                )
+            self._parts.append((raw.to(self.device), n))
+        if bias is not None:
+            if bias.shape != (self.out_features,):
+                raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({self.out_features},)")
+            bias = bias.to(self.device, torch.float32)
+        self.bias = bias
+        self._int4: _Int4Weight | None = None
+        self.int4_max_rows = 0  # activation rows up to which the int4 kernel is used (then deq-bf16)
+        self._weight: torch.Tensor | None = None  # (out, in) bf16 or fp32 for the "bf16"/"f32" kernels
+        self.kernel = "dequant" if mode == "reference" else (kernel or self._default_kernel())
+        if self.kernel not in KERNELS:
+            raise ValueError(f"unknown kernel {self.kernel!r} (expected one of {KERNELS})")
+        if self.kernel == "int4":
+            if self.device.type != "cpu" or self.qtype in FLOAT_TYPES:
+                raise ValueError(f"the int4 kernel needs a quantized type on CPU, not {self.qtype.name}")
+            self._int4 = _pack_int4(self.qtype, self._parts, k)
+            self.int4_max_rows = _INT4_MAX_ROWS[self.qtype]
+        elif self.kernel in ("bf16", "f32"):
+            dtype = torch.bfloat16 if self.kernel == "bf16" else torch.float32
+            float_view = {QT.F32: torch.float32, QT.BF16: torch.bfloat16}.get(self.qtype)
+            if float_view == dtype and len(self._parts) == 1:
+                self._weight = _view_as(self._parts[0][0], dtype).view(self.out_features, k)  # in place
+            else:
+                self._weight = torch.cat([w.to(dtype) for w in self._chunks()])  # (out, in)
+
+    def _default_kernel(self) -> str:
+        if self.qtype == QT.F32:
+            return "f32"
+        if self.qtype in _BF16_COPY_TYPES or self.device.type != "cpu":
+            return "bf16"
+        return "int4"
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype.name}, "
+            f"mode={self.mode}, kernel={self.kernel}, bias={self.bias is not None}"
+        )
+
+    def _chunks(self) -> Iterator[torch.Tensor]:
+        """Consecutive row chunks of W, fp32 (n, in), dequantized exactly; one chunk alive at a time."""
+        step = max(16, _CHUNK_ELEMENTS // self.in_features)
+        for raw, n in self._parts:
+            rows = raw.view(n, self._row_bytes)
+            for r0 in range(0, n, step):
+                chunk = rows[r0 : r0 + step]
+                yield dequantize(chunk, self.qtype, (chunk.shape[0], self.in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) float32 -> (..., out) float32."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, the layer expects {self.in_features}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).float()  # (M, in)
+        m = x2.shape[0]
+        if m == 0:
+            y = x2.new_zeros(0, self.out_features)
+        elif self.kernel == "int4" and m <= self.int4_max_rows:
+            y = self._int4_mm(x2)
+        elif self.kernel == "bf16":
+            assert self._weight is not None
+            y = F.linear(x2.to(torch.bfloat16), self._weight).float()
+        elif self.kernel == "f32":
+            assert self._weight is not None
+            y = F.linear(x2, self._weight)
+        elif self.mode == "reference":
+            y = torch.cat([F.linear(x2, w) for w in self._chunks()], dim=-1)  # (M, out)
+        else:  # many rows through a packed weight: dequantize chunks to bf16, bf16 matmuls
+            xb = x2.to(torch.bfloat16)
+            y = torch.cat([F.linear(xb, w.to(torch.bfloat16)) for w in self._chunks()], dim=-1).float()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def _int4_mm(self, x2: torch.Tensor) -> torch.Tensor:
+        """(M, in) fp32 -> (M, out) fp32 through the int4 kernel, activations laid out like the planes."""
+        w = self._int4
+        assert w is not None
+        m, k = x2.shape
+        xb = x2.to(torch.bfloat16)  # (M, in)
+        if w.padded:
+            xb = F.pad(xb.view(m, k // 16, 16), (0, 16)).view(m, 2 * k)  # (M, 2 in): zeros meet padding
+        if w.n_planes > 1:
+            xb = xb.repeat(1, w.n_planes)  # (M, planes * K)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w.packed, 32, w.scales_zeros)  # (M, n_pad) bf16
+        return y[:, : self.out_features].float()
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Exact fp32 rows W[ids] (n, in), dequantizing only those rows (token embeddings: get_rows)."""
+        ids = ids.reshape(-1).to(device=self.device, dtype=torch.long)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.out_features):
+            raise IndexError(f"row ids must be in [0, {self.out_features}), got {ids.min()}..{ids.max()}")
+        if len(self._parts) == 1:
+            sel = self._parts[0][0].view(-1, self._row_bytes).index_select(0, ids)  # (n, row_bytes)
+        else:
+            sel = torch.empty(ids.numel(), self._row_bytes, dtype=torch.uint8, device=self.device)
+            r = 0
+            for raw, n in self._parts:
+                hit = (ids >= r) & (ids < r + n)
+                sel[hit] = raw.view(n, self._row_bytes).index_select(0, ids[hit] - r)
+                r += n
+        return dequantize(sel, self.qtype, (ids.numel(), self.in_features))
