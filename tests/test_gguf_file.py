@@ -379,3 +379,20 @@ def test_tensor_data_is_memory_mapped_not_copied(tiny: Path) -> None:
     for name, info in f.tensors.items():
         start, end = info.data.data_ptr(), info.data.data_ptr() + info.n_bytes
         assert any(lo <= start and end <= hi for lo, hi in ranges), name
+
+
+def test_real_model_reads_like_gguf_reader(smollm2_path: Path) -> None:
+    """Our header walk against the gguf package's own reader on the real SmolLM2 file."""
+    reader = gguf.GGUFReader(smollm2_path)
+    f = GGUFFile(smollm2_path)
+    expected = {}
+    for key, field in reader.fields.items():
+        if not key.startswith("GGUF."):
+            value = field.contents()
+            expected[key] = value.item() if isinstance(value, np.generic) else value
+    assert f.metadata == expected
+    assert list(f.tensors) == [t.name for t in reader.tensors]
+    for t in reader.tensors:
+        info = f.tensors[t.name]
+        assert info.qtype == t.tensor_type and info.shape == tuple(reversed(t.shape.tolist()))
+        assert info.data.numpy().tobytes() == np.asarray(t.data).tobytes()
