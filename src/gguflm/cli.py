@@ -284,11 +284,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gguflm", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more on stderr")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log more on stderr")
+    parser = argparse.ArgumentParser(prog="gguflm", description=__doc__, parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="generate text from a prompt (llama-completion)")
+    p = sub.add_parser("run", parents=[common], help="generate text from a prompt (llama-completion)")
     add_model_args(p)
     p.add_argument("-p", "--prompt")
     p.add_argument("-f", "--file", help="read the prompt from a file")
@@ -301,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-display-prompt", action="store_true")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("tokenize", help="print the token ids of a text (llama-tokenize)")
+    p = sub.add_parser("tokenize", parents=[common], help="print the token ids of a text (llama-tokenize)")
     p.add_argument("-m", "--model")
     p.add_argument("-p", "--prompt")
     p.add_argument("-f", "--file")
@@ -310,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-parse-special", action="store_true", help="treat special-token text as plain text")
     p.set_defaults(func=cmd_tokenize)
 
-    p = sub.add_parser("perplexity", help="perplexity of a text file (llama-perplexity)")
+    p = sub.add_parser("perplexity", parents=[common], help="perplexity of a text file (llama-perplexity)")
     add_model_args(p)
     p.add_argument("-f", "--file", required=True)
     p.add_argument(
@@ -323,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_perplexity, prompt=None)
 
-    p = sub.add_parser("embed", help="embeddings of prompts (llama-embedding)")
+    p = sub.add_parser("embed", parents=[common], help="embeddings of prompts (llama-embedding)")
     add_model_args(p)
     p.add_argument("-p", "--prompt")
     p.add_argument("-f", "--file")
@@ -334,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose-prompt", action="store_true")
     p.set_defaults(func=cmd_embed)
 
-    p = sub.add_parser("inspect", help="metadata and tensor table of a GGUF file")
+    p = sub.add_parser("inspect", parents=[common], help="metadata and tensor table of a GGUF file")
     p.add_argument("model_path")
     p.set_defaults(func=cmd_inspect)
     return parser
@@ -343,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s"
+        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING, format="%(name)s: %(message)s"
     )
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
