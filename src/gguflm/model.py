@@ -23,27 +23,42 @@ MODES = ("fast", "reference")
 
 
 class Rope:
-    """Rotary position embedding; "normal" rotates adjacent pairs, "neox" the two halves of a head."""
+    """Rotary position embedding on adjacent pairs (llama.cpp's "normal" rope), as one complex product.
+
+    NEOX-style models rotate the two halves of a head instead; their q/k weight rows are permuted at
+    load (`neox_to_pairs`) so that the same code serves both: q.k is unchanged when q and k are
+    permuted alike, and the permuted keys never leave the KV cache.
+    """
 
     def __init__(self, args: ModelArgs, device: torch.device) -> None:
         half = args.rope_dim // 2
         exponent = torch.arange(half, dtype=torch.float64, device=device) * 2 / args.rope_dim
         self.inv_freq = (args.rope_freq_scale / args.rope_freq_base**exponent).float()  # (rope_dim/2,)
         self.rope_dim = args.rope_dim
-        self.neox = args.rope_type == "neox"
 
-    def __call__(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """x (..., n, head_dim) rotated by positions pos (n,)."""
-        angle = pos.to(torch.float32)[:, None] * self.inv_freq[None, :]  # (n, rope_dim/2)
-        cos, sin = angle.cos(), angle.sin()
-        rot, rest = x[..., : self.rope_dim], x[..., self.rope_dim :]
-        if self.neox:
-            a, b = rot.chunk(2, dim=-1)
-            rotated = torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
-        else:
-            a, b = rot[..., 0::2], rot[..., 1::2]
-            rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
-        return torch.cat((rotated, rest), dim=-1) if rest.shape[-1] else rotated
+    def rotation(self, pos: torch.Tensor) -> torch.Tensor:
+        """(n,) positions -> (n, rope_dim/2) unit complex numbers e^(i pos theta_j)."""
+        angle = pos.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        return torch.polar(torch.ones_like(angle), angle)
+
+    def __call__(self, x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+        """x (n, heads, head_dim) rotated by rotation (n, rope_dim/2)."""
+        rd = self.rope_dim
+        pairs = torch.view_as_complex(x[..., :rd].float().unflatten(-1, (rd // 2, 2)))  # (n, heads, rd/2)
+        rotated = torch.view_as_real(pairs * rotation[:, None, :]).flatten(-2)
+        return torch.cat((rotated, x[..., rd:]), dim=-1) if rd < x.shape[-1] else rotated
+
+
+def neox_to_pairs(n_heads: int, head_dim: int, rope_dim: int) -> torch.Tensor:
+    """Row order that turns NEOX halves (x_j, x_{j+rd/2}) into adjacent pairs, head by head."""
+    half = rope_dim // 2
+    within = torch.cat(
+        (
+            torch.stack((torch.arange(half), torch.arange(half) + half), dim=1).flatten(),
+            torch.arange(rope_dim, head_dim),
+        )
+    )
+    return (torch.arange(n_heads)[:, None] * head_dim + within[None, :]).flatten()
 
 
 @dataclass
@@ -76,12 +91,23 @@ class Transformer:
             info = tensor(name, (n,))
             return dequantize(info.data, info.qtype, info.shape).to(device)
 
-        def linear(names: list[tuple[str, int]], n_in: int, biases: bool = False) -> QuantizedLinear:
-            infos = [tensor(f"{n}.weight", (n_out, n_in)) for n, n_out in names]
-            bias = torch.cat([vector(f"{n}.bias", n_out) for n, n_out in names]) if biases else None
-            return QuantizedLinear.concat(
-                [(i.data, i.qtype, i.shape) for i in infos], mode=mode, bias=bias, device=device
-            )
+        def linear(
+            names: list[tuple[str, int]], n_in: int, biases: bool = False, neox_heads: tuple[int, ...] = ()
+        ) -> QuantizedLinear:
+            """One fused matrix; the first len(neox_heads) parts get their rows permuted for NEOX rope."""
+            parts, bias_parts = [], []
+            for j, (n, n_out) in enumerate(names):
+                info = tensor(f"{n}.weight", (n_out, n_in))
+                data = info.data
+                bias = vector(f"{n}.bias", n_out) if biases else None
+                if j < len(neox_heads):
+                    perm = neox_to_pairs(neox_heads[j], hd, a.rope_dim)
+                    data = data.view(n_out, -1)[perm].reshape(-1)
+                    bias = bias[perm] if bias is not None else None
+                parts.append((data, info.qtype, info.shape))
+                bias_parts.append(bias)
+            bias = torch.cat(bias_parts) if biases else None  # type: ignore[arg-type]
+            return QuantizedLinear.concat(parts, mode=mode, bias=bias, device=device)
 
         self.tok_embd = linear([("token_embd", a.n_vocab)], a.n_embd)
         self.layers: list[Layer] = []
@@ -98,6 +124,7 @@ class Transformer:
                         ],
                         a.n_embd,
                         biases=a.qkv_bias,
+                        neox_heads=(a.n_head, a.n_head_kv) if a.rope_type == "neox" else (),
                     ),
                     wo=linear([(f"{p}.attn_output", a.n_embd)], a.n_head * hd),
                     ffn_norm=vector(f"{p}.ffn_norm.weight", a.n_embd),
@@ -114,7 +141,7 @@ class Transformer:
 
     def shift_keys(self, k: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """Cached keys k (n_head_kv, n, head_dim) re-rotated by a position change delta (n,)."""
-        return self.rope(k, delta)
+        return self.rope(k.transpose(0, 1), self.rope.rotation(delta)).transpose(0, 1)
 
     def forward(
         self,
@@ -131,11 +158,12 @@ class Transformer:
         n_kv = mask.shape[1]
         q_size, kv_size = a.n_head * a.head_dim, a.n_embd_kv
         attn_mask = mask[None, None]  # (1, 1, T, n_kv)
+        rotation = self.rope.rotation(pos)  # (T, rope_dim/2)
         for i, layer in enumerate(self.layers):
             h = F.rms_norm(x, (a.n_embd,), layer.attn_norm, a.norm_eps)
             q, k, v = layer.wqkv(h).split((q_size, kv_size, kv_size), dim=-1)
-            q = self.rope(q.view(T, a.n_head, a.head_dim).transpose(0, 1), pos)  # (n_head, T, hd)
-            k = self.rope(k.view(T, a.n_head_kv, a.head_dim).transpose(0, 1), pos)  # (n_head_kv, T, hd)
+            q = self.rope(q.view(T, a.n_head, a.head_dim), rotation).transpose(0, 1)  # (n_head, T, hd)
+            k = self.rope(k.view(T, a.n_head_kv, a.head_dim), rotation).transpose(0, 1)  # (n_head_kv, T, hd)
             v = v.view(T, a.n_head_kv, a.head_dim).transpose(0, 1)  # (n_head_kv, T, hd)
             kv.k[i].index_copy_(1, cells, k.to(kv.k.dtype))
             kv.v[i].index_copy_(1, cells, v.to(kv.v.dtype))
