@@ -2,9 +2,10 @@
 
 Random blocks are random bytes with every f16 scale field overwritten by a random finite f16, so every
 bit pattern of the codes and 6-bit scales is exercised; formats gguf-py can quantize are also checked
-on quantized random floats. Fast-mode errors are measured as max |y - y_ref| / max |y_ref|; observed
-on these random blocks: 2e-3 to 5e-3 for every format, kernel and M (bf16 activations, scales and
-outputs), so the bound of 1e-2 leaves a margin of two.
+on quantized random floats. Fast-mode errors are measured as max |y - y_ref| / max |y_ref|: observed
+3e-3 to 5e-3 typically and at most 6.1e-3 over 6 draws of every format, kernel and M (the rounding of
+activations, scales and outputs to bf16), against a bound of 1e-2. (On the SmolLM2-135M Q4_1 model the
+fast mode's perplexity is within 0.02% of the reference mode's.)
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ F16_FIELDS = {
     QT.Q6_K: (208,),
 }
 FAST_REL_ERR = 1e-2
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)  # activations are torch.randn: keep every run the same
 
 
 def block_size(qtype: QT) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import logging
 import sys
 import time
@@ -185,6 +186,29 @@ class KLDivergence:
         print(f"Same top token: {100 * same.mean():.2f}%")
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from gguflm.bench import markdown, run_bench
+
+    try:
+        parallel = tuple(int(n) for n in args.npl.split(",") if n.strip()) if args.npl else ()
+    except ValueError as e:
+        raise UsageError(f"--npl takes comma-separated integers, got {args.npl!r}") from e
+    if any(n <= 0 for n in parallel) or args.n_prompt < 0 or args.n_gen < 0 or args.repetitions <= 0:
+        raise UsageError("-p, -n must be >= 0, -r and --npl values > 0")
+    model = load_model(args)
+    result = run_bench(
+        model,
+        args.n_prompt,
+        args.n_gen,
+        args.repetitions,
+        parallel,
+        progress=lambda text: print(f"\rbench: {text}   ", end="", file=sys.stderr, flush=True),
+    )
+    print(file=sys.stderr)
+    print(json.dumps(result) if args.output == "json" else markdown(result, args.n_prompt, args.n_gen))
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     f = GGUFFile(args.model_path)
     print(f"file: {f.path}")
@@ -285,7 +309,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log more on stderr")
+    common.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log more on stderr"
+    )
     parser = argparse.ArgumentParser(prog="gguflm", description=__doc__, parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -335,6 +361,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose-prompt", action="store_true")
     p.set_defaults(func=cmd_embed)
 
+    p = sub.add_parser(
+        "bench", parents=[common], help="prefill, generation and parallel decode speed (llama-bench)"
+    )
+    add_model_args(p)
+    p.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens for pp")
+    p.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens for tg")
+    p.add_argument("-r", "--repetitions", type=int, default=3)
+    p.add_argument("--npl", default="", help="comma-separated numbers of parallel sequences, e.g. 1,4,16")
+    p.add_argument("-o", "--output", choices=["md", "json"], default="md")
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser("inspect", parents=[common], help="metadata and tensor table of a GGUF file")
     p.add_argument("model_path")
     p.set_defaults(func=cmd_inspect)
@@ -344,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING, format="%(name)s: %(message)s"
+        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+        format="%(name)s: %(message)s",
     )
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)

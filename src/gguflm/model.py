@@ -190,8 +190,9 @@ class Model:
     """A GGUF model: metadata, ModelArgs, tokenizer and transformer weights (kept in their GGUF format)."""
 
     def __init__(
-        self, file: GGUFFile, args: ModelArgs, tokenizer: Tokenizer, transformer: Transformer
+        self, file: GGUFFile, args: ModelArgs, tokenizer: Tokenizer, transformer: Transformer, mode: str
     ) -> None:
+        self.mode = mode
         self.file = file
         self.args = args
         self.tokenizer = tokenizer
@@ -212,7 +213,7 @@ class Model:
                 f"{file.path}: tokenizer has {tokenizer.n_vocab} tokens, the model {args.n_vocab}"
             )
         transformer = Transformer(args, file, mode, torch.device(device))
-        return cls(file, args, tokenizer, transformer)
+        return cls(file, args, tokenizer, transformer, mode)
 
     @property
     def path(self) -> Path:

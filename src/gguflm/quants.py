@@ -60,31 +60,29 @@ def row_nbytes(qtype: QT, n: int) -> int:
 
 
 def _view_as(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Flat bytes reinterpreted as `dtype`, copying only when the bytes are misaligned for it."""
+    """Bytes (last dim contiguous) reinterpreted as `dtype`, copying only when misaligned for it."""
     try:
         return raw.view(dtype)
     except RuntimeError:
-        return raw.clone().view(dtype)
+        return raw.clone(memory_format=torch.contiguous_format).view(dtype)
 
 
 def _f16(blocks: torch.Tensor, off: int) -> torch.Tensor:
     """The f16 field at byte `off` of every block as fp32 (nb, 1); exact, like numpy's astype."""
-    field = blocks[:, off : off + 2]  # (nb, 2) uint8, strided view of the raw bytes
-    try:
-        return field.view(torch.float16).float()
-    except RuntimeError:  # odd storage offset: dtype views need aligned strides
-        return field.contiguous().view(torch.float16).float()
+    return _view_as(blocks[:, off : off + 2], torch.float16).float()  # (nb, 2) bytes -> (nb, 1)
 
 
 def _nibbles(qs: torch.Tensor) -> torch.Tensor:
     """(..., n) bytes -> (..., 2n): low nibbles first, then high nibbles (the layout of every 4-bit field)."""
+    qs = qs.contiguous()  # bit ops on a strided slice of the blocks are ~3x slower than copy + ops
     return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
 
 
 def _bits(b: torch.Tensor, n_planes: int, width: int) -> torch.Tensor:
     """(..., n) bytes -> (..., n_planes, n): field i of byte j at [..., i, j], fields `width` bits wide."""
-    shifts = torch.arange(0, n_planes * width, width, dtype=torch.uint8, device=b.device).view(n_planes, 1)
-    return (b.unsqueeze(-2) >> shifts) & ((1 << width) - 1)
+    b = b.contiguous()  # scalar shifts of contiguous bytes vectorize; broadcast tensor shifts do not
+    mask = (1 << width) - 1
+    return torch.stack([(b >> (i * width)) & mask for i in range(n_planes)], dim=-2)
 
 
 def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,9 +95,13 @@ def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, mn
 
 
+_BYTE_BITS = ((torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1).to(torch.uint8)  # (256, 8)
+
+
 def _q5_codes(qh: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
     """Q5_0/Q5_1: 4 bytes of high bits (bit i = element i) + 16 nibble bytes -> (nb, 32) uint8 0..31."""
-    high = _bits(qh, 8, 1).transpose(-1, -2).reshape(qh.shape[0], 32)  # (nb, 32): byte i//8, bit i%8
+    table = _BYTE_BITS.to(qh.device)  # a lookup: 4x faster than shifting bits out in element order
+    high = table.index_select(0, qh.reshape(-1).long()).view(qh.shape[0], 32)  # byte i // 8, bit i % 8
     return _nibbles(qs) | (high << 4)
 
 
@@ -108,12 +110,11 @@ def _k_high_bits(qh: torch.Tensor, n_groups: int) -> torch.Tensor:
     return _bits(qh, 8, 1).reshape(qh.shape[0], n_groups, QK_K // n_groups)
 
 
-# Each _unpack_* returns (codes, fields): codes are the integer quants laid out as (nb, groups, group),
-# fields the fp32 per-block scalars (nb, 1) and per-group integer scales (nb, groups).
+# The K-quant unpackers return fp32 scales and uint8 codes laid out (nb, groups, group).
 
 
 def _unpack_q3_k(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> d (nb, 1) f32, sc (nb, 16) f32 in -32..31, q (nb, 16, 16) f32 in -4..3."""
+    """-> d (nb, 1) f32, sc (nb, 16) f32 in -32..31, q (nb, 16, 16) uint8 in 0..7 (value is q - 4)."""
     nb = blocks.shape[0]
     hmask, qs, scales = blocks[:, 0:32], blocks[:, 32:96], blocks[:, 96:108]
     d = _f16(blocks, 108)
@@ -121,9 +122,8 @@ def _unpack_q3_k(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     high = _bits(scales[:, 8:12], 4, 2).reshape(nb, 16)  # (nb, 16) high 2 bits
     sc = (low | (high << 4)).float() - 32.0  # (nb, 16)
     ql = _bits(qs.reshape(nb, 2, 32), 4, 2).reshape(nb, 16, 16)  # (nb, 16, 16) 0..3
-    qh = _k_high_bits(hmask, 16)  # (nb, 16, 16) 0/1: a set bit means no offset
-    q = ql.float() - 4.0 * (1 - qh).float()  # (nb, 16, 16)
-    return d, sc, q
+    qh = _k_high_bits(hmask, 16)  # (nb, 16, 16) 0/1: a clear bit subtracts 4
+    return d, sc, ql | (qh << 2)
 
 
 def _unpack_q6_k(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -168,49 +168,52 @@ def _unpack_q45_k(blocks: torch.Tensor, five: bool) -> tuple[torch.Tensor, torch
 # ---------------------------------------------------------------------------------------------------
 
 
+# In-place chains on the fresh fp32 codes: same roundings as gguf's d * q + m, without temporaries.
+
+
 def _dq_q4_0(b: torch.Tensor) -> torch.Tensor:
-    return _f16(b, 0) * (_nibbles(b[:, 2:18]).float() - 8.0)
+    return _nibbles(b[:, 2:18]).float().sub_(8.0).mul_(_f16(b, 0))
 
 
 def _dq_q4_1(b: torch.Tensor) -> torch.Tensor:
-    return _f16(b, 0) * _nibbles(b[:, 4:20]).float() + _f16(b, 2)
+    return _nibbles(b[:, 4:20]).float().mul_(_f16(b, 0)).add_(_f16(b, 2))
 
 
 def _dq_q5_0(b: torch.Tensor) -> torch.Tensor:
-    return _f16(b, 0) * (_q5_codes(b[:, 2:6], b[:, 6:22]).float() - 16.0)
+    return _q5_codes(b[:, 2:6], b[:, 6:22]).float().sub_(16.0).mul_(_f16(b, 0))
 
 
 def _dq_q5_1(b: torch.Tensor) -> torch.Tensor:
-    return _f16(b, 0) * _q5_codes(b[:, 4:8], b[:, 8:24]).float() + _f16(b, 2)
+    return _q5_codes(b[:, 4:8], b[:, 8:24]).float().mul_(_f16(b, 0)).add_(_f16(b, 2))
 
 
 def _dq_q8_0(b: torch.Tensor) -> torch.Tensor:
-    return b[:, 2:34].contiguous().view(torch.int8).float() * _f16(b, 0)
+    return b[:, 2:34].view(torch.int8).float().mul_(_f16(b, 0))
 
 
 def _dq_q2_k(b: torch.Tensor) -> torch.Tensor:
     dl, ml, q = _unpack_q2_k(b)
-    return (dl * q.float() - ml).reshape(b.shape[0], QK_K)
+    return q.float().mul_(dl).sub_(ml).view(b.shape[0], QK_K)
 
 
 def _dq_q3_k(b: torch.Tensor) -> torch.Tensor:
     d, sc, q = _unpack_q3_k(b)
-    return ((d * sc).unsqueeze(-1) * q).reshape(b.shape[0], QK_K)
+    return q.float().sub_(4.0).mul_((d * sc).unsqueeze(-1)).view(b.shape[0], QK_K)
 
 
 def _dq_q4_k(b: torch.Tensor) -> torch.Tensor:
     s, m, q = _unpack_q45_k(b, five=False)
-    return (s * q.float() - m).reshape(b.shape[0], QK_K)
+    return q.float().mul_(s).sub_(m).view(b.shape[0], QK_K)
 
 
 def _dq_q5_k(b: torch.Tensor) -> torch.Tensor:
     s, m, q = _unpack_q45_k(b, five=True)
-    return (s * q.float() - m).reshape(b.shape[0], QK_K)
+    return q.float().mul_(s).sub_(m).view(b.shape[0], QK_K)
 
 
 def _dq_q6_k(b: torch.Tensor) -> torch.Tensor:
     d, sc, q = _unpack_q6_k(b)
-    return ((d * sc).unsqueeze(-1) * (q.float() - 32.0)).reshape(b.shape[0], QK_K)
+    return q.float().sub_(32.0).mul_((d * sc).unsqueeze(-1)).view(b.shape[0], QK_K)
 
 
 _DEQUANT_BLOCKS: dict[QT, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -300,7 +303,7 @@ def _planes(qtype: QT, b: torch.Tensor) -> tuple[int, list[_Plane]]:
     if qtype == QT.Q3_K:
         d, sc, q = _unpack_q3_k(b)
         s = d * sc  # (nb, 16)
-        return 16, [_Plane((q + 8).to(torch.uint8), s, torch.zeros_like(s))]
+        return 16, [_Plane(q + 4, s, torch.zeros_like(s))]
     if qtype in (QT.Q4_K, QT.Q5_K):
         s, m, q = _unpack_q45_k(b, five=qtype == QT.Q5_K)
         s, m = s.squeeze(-1), m.squeeze(-1)  # (nb, 8)
@@ -378,20 +381,21 @@ KERNELS = ("int4", "bf16", "f32", "dequant")
 # Formats the fast mode keeps as a bf16 matrix instead of int4 planes: Q6_K's 16-wide groups would need
 # four padded planes (2.5 bytes/weight, no faster than bf16 at 2), F16 converts losslessly enough.
 _BF16_COPY_TYPES = (QT.BF16, QT.F16, QT.Q6_K)
-# Activation rows up to which the int4 kernel beats dequantizing to bf16 + a bf16 matmul (2 cores, AMX):
-# the kernel costs ~M * K' * N (it re-expands the weights for every row), the other ~N * K + M * N * K / 8.
-# Crossovers measured on 576x1536 and 1536x1024 (benchmarks/bench_quants.py --split): ~100-120 rows for
-# one plane, 25-30 for Q8_0 (cheap to dequantize), 50-100 for the other two-plane / padded formats.
+# Activation rows up to which the int4 kernel beats dequantizing to bf16 + a bf16 (AMX) matmul. The
+# kernel's cost grows with M * K' * N (fp32 FMAs per row: ~10 us per row for 576x1536 at one plane,
+# ~20 us at two); the other path costs one dequantization (~0.4-1.1 ms for 576x1536) plus a cheap matmul.
+# Measured crossovers on 2 cores (benchmarks/bench_quants.py --split --shapes 576x1536): Q4_0/Q4_1 ~68,
+# Q4_K ~72, Q5_0/Q5_1 ~42, Q5_K ~48, Q8_0 ~21, Q2_K ~34, Q3_K ~53.
 _INT4_MAX_ROWS = {
-    QT.Q4_0: 96,
-    QT.Q4_1: 96,
-    QT.Q4_K: 96,
-    QT.Q5_0: 64,
-    QT.Q5_1: 64,
-    QT.Q5_K: 48,
-    QT.Q8_0: 24,
-    QT.Q2_K: 48,
-    QT.Q3_K: 64,
+    QT.Q4_0: 64,
+    QT.Q4_1: 64,
+    QT.Q4_K: 64,
+    QT.Q5_0: 40,
+    QT.Q5_1: 40,
+    QT.Q5_K: 40,
+    QT.Q8_0: 20,
+    QT.Q2_K: 32,
+    QT.Q3_K: 48,
     QT.Q6_K: 16,  # only with kernel="int4" forced: four padded planes
 }
 _CHUNK_ELEMENTS = 1 << 20  # rows dequantized at a time: fp32 temporaries stay around 4 MiB
@@ -400,20 +404,24 @@ _CHUNK_ELEMENTS = 1 << 20  # rows dequantized at a time: fp32 temporaries stay a
 class QuantizedLinear(torch.nn.Module):
     """y = x W^T (+ b) with W kept in its GGUF block format: nothing dequantizes a whole model to float.
 
-    mode="reference": W is dequantized exactly (fp32, a chunk of rows at a time) for every call.
-    mode="fast": a kernel chosen per format (`kernel`):
-      "int4"    Q4_0/Q4_1/Q4_K as one int4 plane; Q5_*, Q8_0 as two (5/8-bit codes split into nibbles);
-                Q2_K/Q3_K as one plane with each 16-group padded to 32: torch's int4 CPU kernel with bf16
-                activations and bf16 scales. Beyond a few rows (prefill) it dequantizes a chunk of rows
-                to bf16 per call and uses a bf16 matmul, which is then several times faster.
-      "bf16"    BF16/F16/Q6_K: a bf16 copy of W (BF16 is used in place).
-      "f32"     F32: W used in place.
-    Measured on 2 cores (torch 2.13, AVX512-BF16 + AMX), ms per call, Q8_0 / Q4_1 (fp32 F.linear: dense):
-      M=1    1536x576: int4 0.062 / 0.035, fp32 0.030;  49152x576: int4 1.39 / 0.74, fp32 2.2
-      M=16   1536x576: int4 0.34 / 0.17,   fp32 0.15;   49152x576: int4 10.6 / 5.6,  fp32 7.3
-      M=512  1536x576: deq-bf16 1.1 / 1.9, fp32 2.5;    49152x576: deq-bf16 71 / 115, fp32 88-113
-    The int4 kernel streams 0.5 byte per code but re-expands the weights for every activation row, so it
-    only wins for decoding; dense bf16 copies would win prefill but double the memory of the file.
+    mode="reference": W dequantized exactly to fp32 a chunk of rows at a time on every call, fp32 matmul.
+    mode="fast": a kernel per format (attribute `kernel`):
+      "int4"  Q4_0/Q4_1/Q4_K as one int4 plane; Q5_0/Q5_1/Q5_K/Q8_0 as two (the 5/8-bit code split into
+              nibbles, scales 1 and 16); Q2_K/Q3_K as one plane, each 16-wide group padded to 32. Runs
+              torch's int4 CPU kernel (bf16 activations, bf16 scales, fp32 accumulation) for up to
+              `int4_max_rows` activation rows (decode); above that (prefill) each call dequantizes
+              chunks of rows to bf16 and uses bf16 (AMX) matmuls. Memory: 0.625 byte/weight for Q4_*,
+              1.25 for the others, plus the GGUF bytes (memory-mapped) that rows() and prefill read.
+      "bf16"  BF16/F16/Q6_K: a bf16 copy of W (BF16 used in place). Q6_K's 16-wide groups would take
+              four padded int4 planes: 2.5 bytes/weight and 1.6x slower than bf16 at M=1.
+      "f32"   F32: W used in place.
+    Measured on 2 cores (torch 2.13, AVX512-BF16 + AMX; benchmarks/bench_quants.py), ms per call,
+    Q4_1 | Q8_0 fast mode, against dense fp32 F.linear on the dequantized weight:
+      M=1    1536x576: 0.033 | 0.061 (fp32 0.031)    49152x576: 0.74 | 1.41 (fp32 2.5)
+      M=16   1536x576: 0.17  | 0.35  (fp32 0.15)     49152x576: 5.5  | 11.1 (fp32 9.5)
+      M=512  1536x576: 1.19  | 0.96  (fp32 2.5)      49152x576: 86   | 51   (fp32 115)
+    The int4 kernel does fp32 FMAs per activation row, so its cost grows with M; bf16 matmuls on AMX
+    are ~6x faster than fp32 but need the weights in bf16, which are dequantized per call, not kept.
     """
 
     def __init__(
@@ -426,6 +434,8 @@ class QuantizedLinear(torch.nn.Module):
         device: torch.device | str | None = None,
         kernel: str | None = None,
     ) -> None:
+        """data: the weight's raw GGUF bytes (flat uint8, e.g. memory-mapped; never written), shape:
+        (out_features, in_features). kernel forces one of KERNELS (tests, benchmarks); None picks one."""
         super().__init__()
         if len(shape) != 2:
             raise ValueError(f"a linear weight is 2-D (out_features, in_features), got shape {tuple(shape)}")
@@ -555,11 +565,14 @@ class QuantizedLinear(torch.nn.Module):
         elif self.kernel == "f32":
             assert self._weight is not None
             y = F.linear(x2, self._weight)
-        elif self.mode == "reference":
-            y = torch.cat([F.linear(x2, w) for w in self._chunks()], dim=-1)  # (M, out)
-        else:  # many rows through a packed weight: dequantize chunks to bf16, bf16 matmuls
-            xb = x2.to(torch.bfloat16)
-            y = torch.cat([F.linear(xb, w.to(torch.bfloat16)) for w in self._chunks()], dim=-1).float()
+        else:  # reference (fp32), or many rows through a packed weight (bf16): W a chunk of rows at a time
+            dtype = torch.float32 if self.mode == "reference" else torch.bfloat16
+            xc = x2.to(dtype)
+            y = x2.new_empty(m, self.out_features)  # (M, out) fp32
+            r = 0
+            for w in self._chunks():  # (n, in) fp32
+                y[:, r : r + w.shape[0]] = F.linear(xc, w.to(dtype))
+                r += w.shape[0]
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
