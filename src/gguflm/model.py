@@ -44,9 +44,10 @@ class Rope:
     def __call__(self, x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
         """x (n, heads, head_dim) rotated by rotation (n, rope_dim/2)."""
         rd = self.rope_dim
-        pairs = torch.view_as_complex(x[..., :rd].float().unflatten(-1, (rd // 2, 2)))  # (n, heads, rd/2)
+        part = x if rd == x.shape[-1] else x[..., :rd]
+        pairs = torch.view_as_complex(part.float().unflatten(-1, (rd // 2, 2)))  # (n, heads, rd/2)
         rotated = torch.view_as_real(pairs * rotation[:, None, :]).flatten(-2)
-        return torch.cat((rotated, x[..., rd:]), dim=-1) if rd < x.shape[-1] else rotated
+        return rotated if part is x else torch.cat((rotated, x[..., rd:]), dim=-1)
 
 
 def neox_to_pairs(n_heads: int, head_dim: int, rope_dim: int) -> torch.Tensor:
@@ -156,29 +157,30 @@ class Transformer:
         a = self.args
         T = x.shape[0]
         n_kv = mask.shape[1]
-        q_size, kv_size = a.n_head * a.head_dim, a.n_embd_kv
+        hd, n_qk_heads = a.head_dim, a.n_head + a.n_head_kv
+        qk_size = n_qk_heads * hd
         attn_mask = mask[None, None]  # (1, 1, T, n_kv)
         rotation = self.rope.rotation(pos)  # (T, rope_dim/2)
         for i, layer in enumerate(self.layers):
             h = F.rms_norm(x, (a.n_embd,), layer.attn_norm, a.norm_eps)
-            q, k, v = layer.wqkv(h).split((q_size, kv_size, kv_size), dim=-1)
-            q = self.rope(q.view(T, a.n_head, a.head_dim), rotation).transpose(0, 1)  # (n_head, T, hd)
-            k = self.rope(k.view(T, a.n_head_kv, a.head_dim), rotation).transpose(0, 1)  # (n_head_kv, T, hd)
-            v = v.view(T, a.n_head_kv, a.head_dim).transpose(0, 1)  # (n_head_kv, T, hd)
-            kv.k[i].index_copy_(1, cells, k.to(kv.k.dtype))
-            kv.v[i].index_copy_(1, cells, v.to(kv.v.dtype))
+            qkv = layer.wqkv.mm(h.to(layer.wqkv.act_dtype)).float()  # (T, (n_head + 2 n_head_kv) hd)
+            qk = self.rope(qkv[:, :qk_size].view(T, n_qk_heads, hd), rotation)  # (T, n_head + n_head_kv, hd)
+            v = qkv[:, qk_size:].view(T, a.n_head_kv, hd)  # (T, n_head_kv, hd)
+            kv.k[i].index_copy_(1, cells, qk[:, a.n_head :].transpose(0, 1).to(kv.k.dtype))
+            kv.v[i].index_copy_(1, cells, v.transpose(0, 1).to(kv.v.dtype))
+            q = qk[:, : a.n_head].transpose(0, 1)  # (n_head, T, hd)
             keys = kv.k[i, :, :n_kv].to(q.dtype)  # (n_head_kv, n_kv, hd)
             values = kv.v[i, :, :n_kv].to(q.dtype)
             attn = F.scaled_dot_product_attention(
                 q[None], keys[None], values[None], attn_mask=attn_mask, enable_gqa=True
             )  # (1, n_head, T, hd)
-            attn = attn[0].transpose(0, 1).reshape(T, q_size)
+            attn = attn[0].transpose(0, 1).reshape(T, a.n_head * hd)
             if i == a.n_layer - 1:  # only the requested rows go on (llama.cpp's inp_out_ids)
                 attn, x = attn[out_rows], x[out_rows]
-            x = x + layer.wo(attn)
+            x = x + layer.wo.mm(attn.to(layer.wo.act_dtype))
             h = F.rms_norm(x, (a.n_embd,), layer.ffn_norm, a.norm_eps)
-            gate, up = layer.w_gate_up(h).chunk(2, dim=-1)
-            x = x + layer.w_down(F.silu(gate) * up)
+            gate, up = layer.w_gate_up.mm(h.to(layer.w_gate_up.act_dtype)).chunk(2, dim=-1)  # (T, n_ff) each
+            x = x + layer.w_down.mm((F.silu(gate) * up).to(layer.w_down.act_dtype))
         return F.rms_norm(x, (a.n_embd,), self.output_norm, a.norm_eps)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

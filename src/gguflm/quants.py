@@ -548,47 +548,53 @@ class QuantizedLinear(torch.nn.Module):
                 chunk = rows[r0 : r0 + step]
                 yield dequantize(chunk, self.qtype, (chunk.shape[0], self.in_features))
 
+    @property
+    def act_dtype(self) -> torch.dtype:
+        """The activation dtype this layer's kernel computes in: callers hand it that to skip casts."""
+        return torch.bfloat16 if self.kernel in ("int4", "bf16") else torch.float32
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., in) float32 -> (..., out) float32."""
+        """x (..., in) float -> (..., out) float32."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, the layer expects {self.in_features}")
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).float()  # (M, in)
+        y = self.mm(x.reshape(-1, self.in_features).to(self.act_dtype)).float()
+        return y.reshape(*lead, self.out_features)
+
+    def mm(self, x2: torch.Tensor) -> torch.Tensor:
+        """(M, in) in act_dtype -> (M, out): act_dtype, or float32 when the layer has a bias.
+
+        The lean path of the model's forward: no reshapes or casts beyond what the kernel needs.
+        """
         m = x2.shape[0]
         if m == 0:
             y = x2.new_zeros(0, self.out_features)
         elif self.kernel == "int4" and m <= self.int4_max_rows:
             y = self._int4_mm(x2)
-        elif self.kernel == "bf16":
-            assert self._weight is not None
-            y = F.linear(x2.to(torch.bfloat16), self._weight).float()
-        elif self.kernel == "f32":
-            assert self._weight is not None
+        elif self._weight is not None:  # "bf16" / "f32": a dense weight
             y = F.linear(x2, self._weight)
         else:  # reference (fp32), or many rows through a packed weight (bf16): W a chunk of rows at a time
-            dtype = torch.float32 if self.mode == "reference" else torch.bfloat16
-            xc = x2.to(dtype)
-            y = x2.new_empty(m, self.out_features)  # (M, out) fp32
+            dtype = self.act_dtype
+            y = x2.new_empty(m, self.out_features, dtype=dtype)  # (M, out)
             r = 0
             for w in self._chunks():  # (n, in) fp32
-                y[:, r : r + w.shape[0]] = F.linear(xc, w.to(dtype))
+                torch.mm(x2, w.to(dtype).t(), out=y[:, r : r + w.shape[0]])
                 r += w.shape[0]
         if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*lead, self.out_features)
+            return y.float() + self.bias
+        return y
 
-    def _int4_mm(self, x2: torch.Tensor) -> torch.Tensor:
-        """(M, in) fp32 -> (M, out) fp32 through the int4 kernel, activations laid out like the planes."""
+    def _int4_mm(self, xb: torch.Tensor) -> torch.Tensor:
+        """(M, in) bf16 -> (M, out) bf16 through the int4 kernel, activations laid out like the planes."""
         w = self._int4
         assert w is not None
-        m, k = x2.shape
-        xb = x2.to(torch.bfloat16)  # (M, in)
+        m, k = xb.shape
         if w.padded:
             xb = F.pad(xb.view(m, k // 16, 16), (0, 16)).view(m, 2 * k)  # (M, 2 in): zeros meet padding
         if w.n_planes > 1:
             xb = xb.repeat(1, w.n_planes)  # (M, planes * K)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w.packed, 32, w.scales_zeros)  # (M, n_pad) bf16
-        return y[:, : self.out_features].float()
+        return y if y.shape[1] == self.out_features else y[:, : self.out_features]
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Exact fp32 rows W[ids] (n, in), dequantizing only those rows (token embeddings: get_rows)."""
