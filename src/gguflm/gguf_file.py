@@ -214,6 +214,16 @@ class GGUFFile:
             infos.append((name, qtype, shape, start, n_bytes))
         return infos
 
+    def release_pages(self) -> None:
+        """Drop the file's pages from this process's resident memory (they are re-read on demand).
+
+        After weights are repacked into their kernel layouts, the raw bytes are touched only for
+        embedding rows and prefill; keeping every page resident would count the file twice in RSS.
+        """
+        mapping = getattr(self._map, "_mmap", None)
+        if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+            mapping.madvise(mmap.MADV_DONTNEED)
+
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
 

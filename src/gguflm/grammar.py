@@ -11,6 +11,10 @@ an Earley parser over a token trie) and map our vocabulary onto it:
 - the end-of-generation ids (EOS, EOT, ...) are the grammar's end: allowed exactly when the
   text so far is a complete sentence of the grammar.
 
+Where a grammar forces text (a literal, a JSON key), llguidance allows only tokens that follow
+the canonical tokenization of that text (asked of `encode_exact`), so the model sees the token
+sequences it was trained on; every allowed token is still grammatical.
+
 `Grammar` is the checked description (malformed input fails here with `GrammarError`, before
 any token is generated); `Grammar.matcher(tokenizer)` gives a `GrammarMatcher`, the per-sequence
 state that masks logits and accepts tokens. Why llguidance and not xgrammar: see
@@ -37,6 +41,7 @@ __all__ = [
     "GrammarMatcher",
     "TokenRejected",
     "constrain",
+    "encode_exact",
     "tokenizer_info",
 ]
 

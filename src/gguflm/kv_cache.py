@@ -43,8 +43,11 @@ class KVCache:
         self.n_ctx = n_ctx
         self.n_seq_max = n_seq_max
         self._shift_keys = shift_keys
-        self.k = torch.zeros(n_layer, n_head_kv, n_ctx, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros(n_layer, n_head_kv, n_ctx, head_dim, dtype=dtype, device=device)
+        # empty, not zeros: pages are committed as cells get written, so a 4096-cell cache costs memory
+        # only for what is used. Attention reads cells [0, n_span) only, and every one of those has been
+        # written (slots are taken lowest first), so no uninitialized value is ever read.
+        self.k = torch.empty(n_layer, n_head_kv, n_ctx, head_dim, dtype=dtype, device=device)
+        self.v = torch.empty(n_layer, n_head_kv, n_ctx, head_dim, dtype=dtype, device=device)
         self.pos = np.full(n_ctx, -1, dtype=np.int64)  # -1: empty cell
         self.seq = np.zeros((n_ctx, n_seq_max), dtype=bool)  # seq[c, s]: cell c belongs to sequence s
 

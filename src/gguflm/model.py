@@ -6,7 +6,10 @@ embeddings -> N x (RMSNorm, attention with RoPE and grouped KV heads, residual,
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from gguflm.quants import QuantizedLinear, dequantize
 from gguflm.tokenizer import Tokenizer
 
 MODES = ("fast", "reference")
+log = logging.getLogger("gguflm")
 
 
 class Rope:
@@ -188,6 +192,15 @@ class Transformer:
         return self.output(h)
 
 
+def _return_freed_memory() -> None:
+    """Hand the heap freed by weight packing back to the OS (glibc keeps it otherwise)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            log.debug("malloc_trim is not available")
+
+
 class Model:
     """A GGUF model: metadata, ModelArgs, tokenizer and transformer weights (kept in their GGUF format)."""
 
@@ -215,6 +228,8 @@ class Model:
                 f"{file.path}: tokenizer has {tokenizer.n_vocab} tokens, the model {args.n_vocab}"
             )
         transformer = Transformer(args, file, mode, torch.device(device))
+        file.release_pages()
+        _return_freed_memory()
         return cls(file, args, tokenizer, transformer, mode)
 
     @property
