@@ -332,11 +332,17 @@ def _pack_int4(qtype: QT, parts: Sequence[tuple[torch.Tensor, int]], k: int) -> 
     """
     _, type_size = gguf.GGML_QUANT_SIZES[qtype]
     row_bytes = row_nbytes(qtype, k)
-    codes, s_z = [], []
+    n_total = sum(n for _, n in parts)
+    n_pad = -(-n_total // 16) * 16  # the packer wants N % 16 == 0; padded rows are sliced off the output
+    packed: torch.Tensor | None = None  # (n_pad, k'/2) uint8, allocated once the plane layout is known
+    sz: torch.Tensor | None = None  # (n_pad, k'/32, 2) bf16
+    pending: list[torch.Tensor] = []  # code rows not packed yet: the packed layout repeats every 64 rows
+    done = 0  # rows packed so far
     group, n_planes = 32, 1
+    r = 0
     for data, n_rows in parts:
         rows = data.reshape(n_rows, row_bytes)
-        for r0 in range(0, n_rows, _PACK_CHUNK_ROWS):  # bounded fp32 temporaries
+        for r0 in range(0, n_rows, _PACK_CHUNK_ROWS):  # bounded temporaries: peak memory stays low
             chunk = rows[r0 : r0 + _PACK_CHUNK_ROWS]
             n = chunk.shape[0]
             group, planes = _planes(qtype, chunk.reshape(-1, type_size))
@@ -347,29 +353,34 @@ def _pack_int4(qtype: QT, parts: Sequence[tuple[torch.Tensor, int]], k: int) -> 
                 if group == 16:
                     q4 = torch.cat([q4, torch.full_like(q4, 8)], dim=-1)  # (n, groups, 32)
                 qs.append(q4.reshape(n, -1))
-            codes.append(torch.cat(qs, dim=-1))  # (n, k') uint8
+            codes = torch.cat(qs, dim=-1)  # (n, k') uint8
             s = torch.cat([p.s.reshape(n, -1) for p in planes], dim=-1)  # (n, k'/32)
             z = torch.cat([p.z.reshape(n, -1) for p in planes], dim=-1)  # (n, k'/32)
-            s_z.append(torch.stack([s, z], dim=-1).to(torch.bfloat16))  # (n, k'/32, 2)
-    q = torch.cat(codes)  # (N, k') uint8
-    sz = torch.cat(s_z)  # (N, k'/32, 2) bf16
-    pad = -q.shape[0] % 16  # the packer wants N % 16 == 0; padded rows are sliced off the output
-    if pad:
-        q = torch.cat([q, q.new_full((pad, q.shape[1]), 8)])
-        sz = torch.cat([sz, sz.new_zeros(pad, *sz.shape[1:])])
-    packed = [
-        torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[r0 : r0 + _PACK_CHUNK_ROWS].to(torch.int32), 2)
-        for r0 in range(0, q.shape[0], _PACK_CHUNK_ROWS)  # the packed layout repeats every 64 rows
-    ]
+            if packed is None or sz is None:
+                packed = torch.empty(n_pad, codes.shape[1] // 2, dtype=torch.uint8)
+                sz = torch.zeros(n_pad, s.shape[1], 2, dtype=torch.bfloat16)
+            sz[r : r + n] = torch.stack([s, z], dim=-1)
+            r += n
+            pending.append(codes)
+            if (r - done) % 64 == 0 or r == n_total:
+                q = torch.cat(pending) if len(pending) > 1 else pending[0]  # (rows, k') uint8
+                if r == n_total and n_pad > n_total:
+                    q = torch.cat([q, q.new_full((n_pad - n_total, q.shape[1]), 8)])
+                packed[done : done + q.shape[0]] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                    q.to(torch.int32), 2
+                )
+                done += q.shape[0]
+                pending = []
+    assert packed is not None and sz is not None
     return _Int4Weight(
-        packed=torch.cat(packed),
+        packed=packed,
         scales_zeros=sz.transpose(0, 1).contiguous(),  # (k'/32, N, 2)
         n_planes=n_planes,
         padded=group == 16,
     )
 
 
-_PACK_CHUNK_ROWS = 4096  # a multiple of 64
+_PACK_CHUNK_ROWS = 1024  # a multiple of 64
 
 
 # ---------------------------------------------------------------------------------------------------
