@@ -305,3 +305,16 @@ def test_read_only_memory_map_is_never_written(tmp_path: Path) -> None:
         layer(x)
         assert torch.equal(layer.rows(torch.tensor([3, 1])), w[[3, 1]])
     assert np.array_equal(np.fromfile(path, dtype=np.uint8), raw)
+
+
+def test_int4_packing_across_chunks_and_odd_part_boundaries() -> None:
+    """Parts longer than a packing chunk, with boundaries off the packer's 64-row period."""
+    outs = [1100, 60, 37]
+    datas = [weight(QT.Q4_1, (n, 64), 40 + i) for i, n in enumerate(outs)]
+    parts = [(d, QT.Q4_1, (n, 64)) for d, n in zip(datas, outs, strict=True)]
+    fast = QuantizedLinear.concat(parts, mode="fast")
+    ref = QuantizedLinear.concat(parts, mode="reference")
+    assert fast.kernel == "int4"
+    x = torch.randn(3, 64)
+    want = ref(x)
+    assert float((fast(x) - want).abs().max() / want.abs().max()) < 1e-2
