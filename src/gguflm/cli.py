@@ -13,12 +13,15 @@ from pathlib import Path
 
 import torch
 
+from gguflm.chat_cli import add_chat_parser
 from gguflm.context import POOLING_TYPES, Context
 from gguflm.generate import DecodeError, embed, generate
 from gguflm.gguf_file import GGUFError, GGUFFile
+from gguflm.grammar import constrain
 from gguflm.model import MODES, Model
 from gguflm.perplexity import chunk_logits, chunks, perplexity
-from gguflm.sampling import Sampler, SamplerParams
+from gguflm.sampling import Sampler
+from gguflm.sampling_args import add_sampling_args, grammar_from_args, sampler_params
 from gguflm.tokenizer import StreamDecoder
 
 log = logging.getLogger("gguflm")
@@ -74,10 +77,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not prompt:
         raise UsageError("the prompt is empty")
     n_ctx = args.ctx_size or min(model.args.n_ctx_train, 4096)
+    params = sampler_params(args)
+    grammar = grammar_from_args(args)  # checked before anything is decoded
     ctx = Context(model, n_ctx=n_ctx, n_batch=args.batch_size, n_ubatch=min(args.batch_size, 512))
-    sampler = Sampler(
-        SamplerParams(temp=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed)
-    )
+    sampler = Sampler(params, n_ctx=n_ctx, tokenizer=tok)
+    sampler.accept_prompt(prompt)  # llama.cpp's penalties see the prompt too
+    sample: Callable[[torch.Tensor], int] = sampler
+    if grammar is not None:
+        sample = constrain(grammar.matcher(tok), sampler)
     out = sys.stdout
     if not args.no_display_prompt:
         out.write(prompt_text)
@@ -86,7 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     t_first = None
     n = 0
-    for token in generate(ctx, prompt, args.n_predict, sampler):
+    for token in generate(ctx, prompt, args.n_predict, sample):
         if t_first is None:
             t_first = time.perf_counter()
         n += 1
@@ -320,11 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--prompt")
     p.add_argument("-f", "--file", help="read the prompt from a file")
     p.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (-1: until end)")
-    p.add_argument("--temp", type=float, default=0.8, help="temperature; 0 is greedy")
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--min-p", type=float, default=0.05)
-    p.add_argument("-s", "--seed", type=int, default=0xFFFFFFFF, help="random seed (default: random)")
+    add_sampling_args(p)
     p.add_argument("--no-display-prompt", action="store_true")
     p.set_defaults(func=cmd_run)
 
@@ -371,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--npl", default="", help="comma-separated numbers of parallel sequences, e.g. 1,4,16")
     p.add_argument("-o", "--output", choices=["md", "json"], default="md")
     p.set_defaults(func=cmd_bench)
+
+    add_chat_parser(sub, common)
 
     p = sub.add_parser("inspect", parents=[common], help="metadata and tensor table of a GGUF file")
     p.add_argument("model_path")

@@ -13,7 +13,8 @@ State: sequence 0 of one `Context` holds the tokens decoded last, and `cached_to
 cache and decodes only the rest, as llama-cpp-python does; an interrupted call (Ctrl-C, a stream
 closed early) leaves the two in agreement. The last prompt token is always decoded on its own, so
 that the first sampled token sees the same logits whether the prefix came from the cache or not:
-same seed, same prompt, same settings give the same text on a fresh or a warm LLM.
+same seed, same prompt, same settings give the same text on a fresh or a warm LLM. One call runs
+at a time: starting a call closes a stream that was left unfinished.
 """
 
 from __future__ import annotations
