@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from gguflm import chat_cli
-from gguflm.chat_cli import ChatSession, TurnStats, add_chat_parser, chat_loop, cmd_chat, main, read_message
+from gguflm.chat_cli import ChatSession, TurnStats, add_chat_parser, chat_loop, cmd_chat, read_message
+from gguflm.cli import main as cli_main
 from gguflm.llm import LLM
 from gguflm.model import Model
 
@@ -31,7 +32,7 @@ def run(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], stdin: str, *argv: str
 ) -> tuple[int, str, str]:
     monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
-    code = main(list(argv))
+    code = cli_main(["chat", *argv])
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -34,8 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-import torch
-
 from gguflm.llm import LLM
 from gguflm.model import Model
 
@@ -431,33 +429,3 @@ def add_chat_parser(
         help="interactive chat with the model's chat template (llama-cli -cnv)",
     )
     return build_chat_parser(p)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m gguflm.chat_cli`: the chat subcommand on its own, with the CLI's error handling."""
-    from gguflm.cli import UsageError
-    from gguflm.generate import DecodeError
-    from gguflm.gguf_file import GGUFError
-
-    parser = argparse.ArgumentParser(prog="gguflm chat", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more on stderr")
-    args = build_chat_parser(parser).parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s"
-    )
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        return cmd_chat(args)
-    except (UsageError, GGUFError, DecodeError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

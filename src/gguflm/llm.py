@@ -283,57 +283,6 @@ class LLM:
 
     # ---- completion --------------------------------------------------------------------------
 
-    @overload
-    def complete(
-        self,
-        prompt: str | Sequence[int],
-        max_tokens: int | None = 16,
-        temperature: float = 0.8,
-        top_p: float = 0.95,
-        top_k: int = 40,
-        min_p: float = 0.05,
-        typical_p: float = 1.0,
-        repeat_penalty: float = 1.0,
-        presence_penalty: float = 0.0,
-        frequency_penalty: float = 0.0,
-        mirostat_mode: int = 0,
-        mirostat_tau: float = 5.0,
-        mirostat_eta: float = 0.1,
-        stop: str | Sequence[str] | None = None,
-        seed: int | None = None,
-        logprobs: int | None = None,
-        echo: bool = False,
-        logit_bias: Mapping[int | str, float] | None = None,
-        grammar: Grammar | str | None = None,
-        *,
-        stream: Literal[False] = False,
-    ) -> Completion: ...
-    @overload
-    def complete(
-        self,
-        prompt: str | Sequence[int],
-        max_tokens: int | None = 16,
-        temperature: float = 0.8,
-        top_p: float = 0.95,
-        top_k: int = 40,
-        min_p: float = 0.05,
-        typical_p: float = 1.0,
-        repeat_penalty: float = 1.0,
-        presence_penalty: float = 0.0,
-        frequency_penalty: float = 0.0,
-        mirostat_mode: int = 0,
-        mirostat_tau: float = 5.0,
-        mirostat_eta: float = 0.1,
-        stop: str | Sequence[str] | None = None,
-        seed: int | None = None,
-        logprobs: int | None = None,
-        echo: bool = False,
-        logit_bias: Mapping[int | str, float] | None = None,
-        grammar: Grammar | str | None = None,
-        *,
-        stream: Literal[True],
-    ) -> Iterator[Completion]: ...
-
     def complete(
         self,
         prompt: str | Sequence[int],
@@ -480,61 +429,6 @@ class LLM:
         return out
 
     # ---- chat --------------------------------------------------------------------------------
-
-    @overload
-    def chat(
-        self,
-        messages: Sequence[Mapping[str, Any]],
-        max_tokens: int | None = None,
-        temperature: float = 0.2,
-        top_p: float = 0.95,
-        top_k: int = 40,
-        min_p: float = 0.05,
-        typical_p: float = 1.0,
-        repeat_penalty: float = 1.0,
-        presence_penalty: float = 0.0,
-        frequency_penalty: float = 0.0,
-        mirostat_mode: int = 0,
-        mirostat_tau: float = 5.0,
-        mirostat_eta: float = 0.1,
-        stop: str | Sequence[str] | None = None,
-        seed: int | None = None,
-        logprobs: bool = False,
-        top_logprobs: int | None = None,
-        response_format: Mapping[str, Any] | None = None,
-        tools: list[Mapping[str, Any]] | None = None,
-        logit_bias: Mapping[int | str, float] | None = None,
-        grammar: Grammar | str | None = None,
-        *,
-        stream: Literal[False] = False,
-    ) -> Completion: ...
-    @overload
-    def chat(
-        self,
-        messages: Sequence[Mapping[str, Any]],
-        max_tokens: int | None = None,
-        temperature: float = 0.2,
-        top_p: float = 0.95,
-        top_k: int = 40,
-        min_p: float = 0.05,
-        typical_p: float = 1.0,
-        repeat_penalty: float = 1.0,
-        presence_penalty: float = 0.0,
-        frequency_penalty: float = 0.0,
-        mirostat_mode: int = 0,
-        mirostat_tau: float = 5.0,
-        mirostat_eta: float = 0.1,
-        stop: str | Sequence[str] | None = None,
-        seed: int | None = None,
-        logprobs: bool = False,
-        top_logprobs: int | None = None,
-        response_format: Mapping[str, Any] | None = None,
-        tools: list[Mapping[str, Any]] | None = None,
-        logit_bias: Mapping[int | str, float] | None = None,
-        grammar: Grammar | str | None = None,
-        *,
-        stream: Literal[True],
-    ) -> Iterator[Completion]: ...
 
     def chat(
         self,
