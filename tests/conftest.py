@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,22 @@ from gguflm.cli import default_model_path
 from gguflm.model import Model
 from gguflm.writer import make_tiny_model
 
-REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "smollm2-135m-instruct-q4_1"
+REFERENCE_MODEL = "smollm2-135m-instruct-q4_1"
+
+
+def _find_reference_dir() -> Path:
+    """llama.cpp's outputs: $GGUFLM_REFERENCE_DIR, else shared/reference beside any parent of the repo."""
+    env = os.environ.get("GGUFLM_REFERENCE_DIR")
+    candidates = [Path(env)] if env else []
+    candidates += [parent / "shared" / "reference" for parent in Path(__file__).resolve().parents]
+    candidates.append(Path("/work/shared/reference"))
+    for candidate in candidates:
+        if (candidate / REFERENCE_MODEL).is_dir():
+            return candidate / REFERENCE_MODEL
+    return candidates[0] / REFERENCE_MODEL
+
+
+REFERENCE_DIR = _find_reference_dir()
 
 
 def reference(name: str) -> dict[str, Any]:

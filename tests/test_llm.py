@@ -259,7 +259,6 @@ def test_chat_stream_deltas(llm: LLM) -> None:
 
 
 def test_chat_json_schema_reply_validates(llm: LLM) -> None:
-    pytest.importorskip("gguflm.grammar")
     schema = {
         "type": "object",
         "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"}},
@@ -280,7 +279,6 @@ def test_chat_json_schema_reply_validates(llm: LLM) -> None:
 
 
 def test_gbnf_grammar_constrains_a_completion(llm: LLM) -> None:
-    pytest.importorskip("gguflm.grammar")
     out = llm.complete(
         "Is Paris in France? Answer:", max_tokens=8, grammar='root ::= " yes" | " no"', **GREEDY
     )

