@@ -501,3 +501,40 @@ def test_chain_on_a_full_vocabulary_is_fast_and_cuts_like_top_k() -> None:
         sampler(logits)
     per_token = (time.perf_counter() - start) / 50
     assert per_token < 5e-3, f"{per_token * 1e3:.2f} ms per token"  # ~0.1 ms measured; loose for busy CI
+
+
+def test_same_seed_same_tokens_whatever_shares_the_batch(smollm2) -> None:  # type: ignore[no-untyped-def]
+    """Two sequences sampled in one batch give each the tokens it gets when decoded alone."""
+    from gguflm import Batch, Context
+
+    tok = smollm2.tokenizer
+    prompts = [tok.encode("Once upon a time"), tok.encode("The best way to cook rice is")]
+    params = SamplerParams(temp=0.9, seed=1234)
+
+    def alone(prompt: list[int]) -> list[int]:
+        ctx = Context(smollm2, n_ctx=128)
+        sampler = Sampler(params)
+        assert ctx.decode(Batch.from_tokens(prompt)) == 0
+        out = []
+        for _ in range(12):
+            out.append(sampler(ctx.logits(-1)))
+            assert ctx.decode(Batch.from_tokens([out[-1]])) == 0
+        return out
+
+    ctx = Context(smollm2, n_ctx=128, n_seq_max=2)
+    samplers = [Sampler(params), Sampler(params)]
+    tokens = [t for p in prompts for t in p]
+    seq_ids = [[s] for s, p in enumerate(prompts) for _ in p]
+    pos = [i for p in prompts for i in range(len(p))]
+    last = [len(prompts[0]) - 1, len(tokens) - 1]
+    output = [i in last for i in range(len(tokens))]
+    assert ctx.decode(Batch.from_tokens(tokens, pos=pos, seq_ids=seq_ids, output=output)) == 0
+    together: list[list[int]] = [[], []]
+    rows = last
+    for _ in range(12):
+        step = [samplers[s](ctx.logits(rows[s])) for s in range(2)]
+        for s in range(2):
+            together[s].append(step[s])
+        assert ctx.decode(Batch.from_tokens(step, seq_ids=[[0], [1]], output=[True, True])) == 0
+        rows = [0, 1]
+    assert together == [alone(p) for p in prompts]

@@ -215,6 +215,7 @@ class Context:
                 assert batch.embd is not None
                 x = batch.embd[sl].to(device=device, dtype=torch.float32)
             out_rows = np.flatnonzero(output[sl])
+            groups = self._sequence_groups(seq[sl], mask, n_kv)
             h = transformer.forward(
                 x,
                 torch.from_numpy(pos[sl]).to(device),
@@ -222,9 +223,34 @@ class Context:
                 self.kv,
                 torch.from_numpy(mask).to(device),
                 torch.from_numpy(out_rows).to(device),
+                groups,
             )
             outs.append(h)
         return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def _sequence_groups(
+        self, seq: np.ndarray, mask: np.ndarray, n_kv: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None:
+        """Per distinct sequence set of a micro-batch: its rows, the cells it sees in position order, and
+        the mask between them. None when the micro-batch holds one sequence set (the common case)."""
+        sets, which = np.unique(seq, axis=0, return_inverse=True)
+        if len(sets) == 1:
+            return None
+        device = self.model.transformer.device
+        span_seq, span_pos = self.kv.seq[:n_kv], self.kv.pos[:n_kv]
+        groups = []
+        for g, members in enumerate(sets):
+            rows = np.flatnonzero(which.reshape(-1) == g)
+            cells = np.flatnonzero((span_seq & members).any(axis=1) & (span_pos >= 0))
+            cells = cells[np.argsort(span_pos[cells], kind="stable")]
+            groups.append(
+                (
+                    torch.from_numpy(rows).to(device),
+                    torch.from_numpy(cells).to(device),
+                    torch.from_numpy(np.ascontiguousarray(mask[np.ix_(rows, cells)])).to(device),
+                )
+            )
+        return groups
 
     def _store_outputs(
         self, hidden: torch.Tensor, pos: np.ndarray, seq: np.ndarray, output: np.ndarray

@@ -158,8 +158,15 @@ class Transformer:
         kv: KVCache,
         mask: torch.Tensor,  # (T, n_kv) bool, True = may attend
         out_rows: torch.Tensor,  # (n_out,) rows of the micro-batch whose output is wanted
+        groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
-        """Returns (n_out, n_embd): the final-normed hidden states of the requested rows."""
+        """Returns (n_out, n_embd): the final-normed hidden states of the requested rows.
+
+        `groups` (rows, cells, mask (rows, cells)), one per sequence set when a micro-batch holds
+        several: attention then runs per sequence over its own cells in position order, exactly the
+        arithmetic it would get alone (the kernel's sums depend on where keys sit), so a sequence
+        samples the same tokens whatever shares its batch.
+        """
         a = self.args
         T = x.shape[0]
         n_kv = mask.shape[1]
@@ -177,10 +184,21 @@ class Transformer:
             q = qk[:, : a.n_head].transpose(0, 1)  # (n_head, T, hd)
             keys = kv.k[i, :, :n_kv].to(q.dtype)  # (n_head_kv, n_kv, hd)
             values = kv.v[i, :, :n_kv].to(q.dtype)
-            attn = F.scaled_dot_product_attention(
-                q[None], keys[None], values[None], attn_mask=attn_mask, enable_gqa=True
-            )  # (1, n_head, T, hd)
-            attn = attn[0].transpose(0, 1).reshape(T, a.n_head * hd)
+            if groups is None:
+                attn = F.scaled_dot_product_attention(
+                    q[None], keys[None], values[None], attn_mask=attn_mask, enable_gqa=True
+                )[0]  # (n_head, T, hd)
+            else:
+                attn = torch.empty_like(q)  # (n_head, T, hd)
+                for rows, cells_g, mask_g in groups:
+                    attn[:, rows] = F.scaled_dot_product_attention(
+                        q[None, :, rows],
+                        keys.index_select(1, cells_g)[None],
+                        values.index_select(1, cells_g)[None],
+                        attn_mask=mask_g[None, None],
+                        enable_gqa=True,
+                    )[0]
+            attn = attn.transpose(0, 1).reshape(T, a.n_head * hd)
             if i == a.n_layer - 1:  # only the requested rows go on (llama.cpp's inp_out_ids)
                 attn, x = attn[out_rows], x[out_rows]
             x = x + layer.wo.mm(attn.to(layer.wo.act_dtype))
