@@ -230,27 +230,34 @@ class Context:
 
     def _sequence_groups(
         self, seq: np.ndarray, mask: np.ndarray, n_kv: int
-    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None:
-        """Per distinct sequence set of a micro-batch: its rows, the cells it sees in position order, and
-        the mask between them. None when the micro-batch holds one sequence set (the common case)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """When a micro-batch holds several sequence sets, lay each out alone for attention: padded
+        (G, R) row ids, (G, C) cell ids in position order, (G, R, C) mask, and (G, R) valid rows.
+        None when the micro-batch holds one sequence set (the common case)."""
         sets, which = np.unique(seq, axis=0, return_inverse=True)
         if len(sets) == 1:
             return None
-        device = self.model.transformer.device
+        which = which.reshape(-1)
         span_seq, span_pos = self.kv.seq[:n_kv], self.kv.pos[:n_kv]
-        groups = []
-        for g, members in enumerate(sets):
-            rows = np.flatnonzero(which.reshape(-1) == g)
+        rows_of = [np.flatnonzero(which == g) for g in range(len(sets))]
+        cells_of = []
+        for members in sets:
             cells = np.flatnonzero((span_seq & members).any(axis=1) & (span_pos >= 0))
-            cells = cells[np.argsort(span_pos[cells], kind="stable")]
-            groups.append(
-                (
-                    torch.from_numpy(rows).to(device),
-                    torch.from_numpy(cells).to(device),
-                    torch.from_numpy(np.ascontiguousarray(mask[np.ix_(rows, cells)])).to(device),
-                )
-            )
-        return groups
+            cells_of.append(cells[np.argsort(span_pos[cells], kind="stable")])
+        n_rows, n_cells = max(map(len, rows_of)), max(map(len, cells_of))
+        row_ids = np.zeros((len(sets), n_rows), dtype=np.int64)
+        cell_ids = np.zeros((len(sets), n_cells), dtype=np.int64)
+        group_mask = np.zeros((len(sets), n_rows, n_cells), dtype=bool)
+        valid = np.zeros((len(sets), n_rows), dtype=bool)
+        for g, (rows, cells) in enumerate(zip(rows_of, cells_of, strict=True)):
+            row_ids[g, : len(rows)] = rows
+            cell_ids[g, : len(cells)] = cells
+            cell_ids[g, len(cells) :] = cells[0]  # padding keys sit after the real ones, masked out
+            group_mask[g, : len(rows), : len(cells)] = mask[np.ix_(rows, cells)]
+            group_mask[g, len(rows) :, 0] = True  # padding queries see one key: no NaN, discarded
+            valid[g, : len(rows)] = True
+        device = self.model.transformer.device
+        return tuple(torch.from_numpy(a).to(device) for a in (row_ids, cell_ids, group_mask, valid))  # type: ignore[return-value]
 
     def _store_outputs(
         self, hidden: torch.Tensor, pos: np.ndarray, seq: np.ndarray, output: np.ndarray

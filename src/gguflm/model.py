@@ -158,14 +158,14 @@ class Transformer:
         kv: KVCache,
         mask: torch.Tensor,  # (T, n_kv) bool, True = may attend
         out_rows: torch.Tensor,  # (n_out,) rows of the micro-batch whose output is wanted
-        groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+        groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Returns (n_out, n_embd): the final-normed hidden states of the requested rows.
 
-        `groups` (rows, cells, mask (rows, cells)), one per sequence set when a micro-batch holds
-        several: attention then runs per sequence over its own cells in position order, exactly the
-        arithmetic it would get alone (the kernel's sums depend on where keys sit), so a sequence
-        samples the same tokens whatever shares its batch.
+        `groups` (Context._sequence_groups), when a micro-batch holds several sequence sets: attention
+        then runs per sequence over its own cells in position order, padded at the end, which is the
+        arithmetic it gets alone (the kernel's sums depend on where keys sit), so a sequence samples
+        the same tokens whatever shares its batch.
         """
         a = self.args
         T = x.shape[0]
@@ -189,15 +189,20 @@ class Transformer:
                     q[None], keys[None], values[None], attn_mask=attn_mask, enable_gqa=True
                 )[0]  # (n_head, T, hd)
             else:
+                row_ids, cell_ids, group_mask, valid = groups  # (G, R), (G, C), (G, R, C), (G, R)
+                n_groups, n_cells = cell_ids.shape
+                q_g = q[:, row_ids].transpose(0, 1)  # (G, n_head, R, hd)
+                k_g = keys.index_select(1, cell_ids.flatten()).view(a.n_head_kv, n_groups, n_cells, hd)
+                v_g = values.index_select(1, cell_ids.flatten()).view(a.n_head_kv, n_groups, n_cells, hd)
+                out = F.scaled_dot_product_attention(
+                    q_g,
+                    k_g.transpose(0, 1),
+                    v_g.transpose(0, 1),
+                    attn_mask=group_mask[:, None],
+                    enable_gqa=True,
+                )  # (G, n_head, R, hd)
                 attn = torch.empty_like(q)  # (n_head, T, hd)
-                for rows, cells_g, mask_g in groups:
-                    attn[:, rows] = F.scaled_dot_product_attention(
-                        q[None, :, rows],
-                        keys.index_select(1, cells_g)[None],
-                        values.index_select(1, cells_g)[None],
-                        attn_mask=mask_g[None, None],
-                        enable_gqa=True,
-                    )[0]
+                attn[:, row_ids[valid]] = out.transpose(0, 1)[:, valid]
             attn = attn.transpose(0, 1).reshape(T, a.n_head * hd)
             if i == a.n_layer - 1:  # only the requested rows go on (llama.cpp's inp_out_ids)
                 attn, x = attn[out_rows], x[out_rows]
