@@ -216,12 +216,20 @@ class Context:
                 x = batch.embd[sl].to(device=device, dtype=torch.float32)
             out_rows = np.flatnonzero(output[sl])
             groups = self._sequence_groups(seq[sl], mask, n_kv)
+            # a fresh prefill's mask is plain causal: let the kernel skip the masked blocks
+            n_rows = mask.shape[0]
+            causal = (
+                groups is None
+                and n_rows > 1
+                and n_kv == n_rows
+                and np.array_equal(mask, np.tri(n_rows, dtype=bool))
+            )
             h = transformer.forward(
                 x,
                 torch.from_numpy(pos[sl]).to(device),
                 torch.from_numpy(cells[sl]).to(device),
                 self.kv,
-                torch.from_numpy(mask).to(device),
+                None if causal else torch.from_numpy(mask).to(device),
                 torch.from_numpy(out_rows).to(device),
                 groups,
             )

@@ -23,6 +23,7 @@ from gguflm.quants import QuantizedLinear, dequantize
 from gguflm.tokenizer import Tokenizer
 
 MODES = ("fast", "reference")
+PREFILL_ROWS = 64  # micro-batches of at least this many rows count as prefill
 log = logging.getLogger("gguflm")
 
 
@@ -82,6 +83,8 @@ class Transformer:
     def __init__(self, args: ModelArgs, file: GGUFFile, mode: str, device: torch.device) -> None:
         self.args = args
         self.device = device
+        # fast mode runs prefill attention in bf16 (AMX): 3x faster at 512 tokens than fp32
+        self.attn_dtype_prefill = torch.bfloat16 if mode == "fast" else torch.float32
         self.rope = Rope(args, device)
         a = args
         hd = a.head_dim
@@ -156,7 +159,7 @@ class Transformer:
         pos: torch.Tensor,  # (T,) positions
         cells: torch.Tensor,  # (T,) KV cells the tokens are written to
         kv: KVCache,
-        mask: torch.Tensor,  # (T, n_kv) bool, True = may attend
+        mask: torch.Tensor | None,  # (T, n_kv) bool, True = may attend; None: causal over cells 0..T-1
         out_rows: torch.Tensor,  # (n_out,) rows of the micro-batch whose output is wanted
         groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
@@ -169,10 +172,10 @@ class Transformer:
         """
         a = self.args
         T = x.shape[0]
-        n_kv = mask.shape[1]
+        n_kv = T if mask is None else mask.shape[1]
         hd, n_qk_heads = a.head_dim, a.n_head + a.n_head_kv
         qk_size = n_qk_heads * hd
-        attn_mask = mask[None, None]  # (1, 1, T, n_kv)
+        attn_mask = None if mask is None else mask[None, None]  # (1, 1, T, n_kv)
         rotation = self.rope.rotation(pos)  # (T, rope_dim/2)
         for i, layer in enumerate(self.layers):
             h = F.rms_norm(x, (a.n_embd,), layer.attn_norm, a.norm_eps)
@@ -182,11 +185,18 @@ class Transformer:
             kv.k[i].index_copy_(1, cells, qk[:, a.n_head :].transpose(0, 1).to(kv.k.dtype))
             kv.v[i].index_copy_(1, cells, v.transpose(0, 1).to(kv.v.dtype))
             q = qk[:, : a.n_head].transpose(0, 1)  # (n_head, T, hd)
+            if T >= PREFILL_ROWS:
+                q = q.to(self.attn_dtype_prefill)
             keys = kv.k[i, :, :n_kv].to(q.dtype)  # (n_head_kv, n_kv, hd)
             values = kv.v[i, :, :n_kv].to(q.dtype)
             if groups is None:
                 attn = F.scaled_dot_product_attention(
-                    q[None], keys[None], values[None], attn_mask=attn_mask, enable_gqa=True
+                    q[None],
+                    keys[None],
+                    values[None],
+                    attn_mask=attn_mask,
+                    is_causal=mask is None,
+                    enable_gqa=True,
                 )[0]  # (n_head, T, hd)
             else:
                 row_ids, cell_ids, group_mask, valid = groups  # (G, R), (G, C), (G, R, C), (G, R)
