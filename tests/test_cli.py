@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -143,3 +144,9 @@ def test_embeddings_doc_example_runs(capsys: pytest.CaptureFixture[str]) -> None
     code = doc.split("```python\n", 1)[1].split("```", 1)[0]
     exec(compile(code, "docs/embeddings.md", "exec"), {})
     assert capsys.readouterr().out.strip() == "Paris"
+
+
+def test_over_long_prompt_is_refused_before_anything_is_printed(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, "run", "-p", "word " * 100, "-c", "32", "-n", "4")
+    assert code == 1 and out == ""
+    assert re.fullmatch(r"error: the prompt has 1\d\d tokens, the context holds 32 \(raise -c\)", err.strip())

@@ -77,6 +77,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not prompt:
         raise UsageError("the prompt is empty")
     n_ctx = args.ctx_size or min(model.args.n_ctx_train, 4096)
+    if len(prompt) >= n_ctx:
+        raise UsageError(f"the prompt has {len(prompt)} tokens, the context holds {n_ctx} (raise -c)")
     params = sampler_params(args)
     grammar = grammar_from_args(args)  # checked before anything is decoded
     ctx = Context(model, n_ctx=n_ctx, n_batch=args.batch_size, n_ubatch=min(args.batch_size, 512))

@@ -139,7 +139,8 @@ class GGUFFile:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         if not self.path.is_file():
-            raise GGUFError(f"{self.path}: no such file")
+            problem = "not a regular file" if self.path.exists() else "no such file"
+            raise GGUFError(f"{self.path}: {problem}")
         _check_header(self.path)
         with open(self.path, "rb") as f:
             buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
