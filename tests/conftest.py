@@ -67,3 +67,11 @@ def tiny_qwen2_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_llama_path: Path) -> Model:
     return Model.load(tiny_llama_path, mode="reference")
+
+
+def is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True

@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import is_utf8
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -240,14 +241,6 @@ def test_allowed_tokens_spell_the_rest(tok: Tokenizer, pieces: list[bytes], text
     assert matcher.is_finished()
 
 
-def _is_utf8(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
 # ---- properties with random logits -------------------------------------------------------------
 
 
@@ -275,7 +268,7 @@ def test_random_sampling_uses_split_utf8_tokens(tok: Tokenizer) -> None:
     for seed in range(20):
         out = run_random(grammar.matcher(tok), tok, seed)
         assert tok.decode_bytes(out).decode("utf-8") in NON_ASCII
-        partial += sum(not _is_utf8(tok.token_to_piece(t)) for t in out)
+        partial += sum(not is_utf8(tok.token_to_piece(t)) for t in out)
     assert partial > 0
 
 

@@ -22,7 +22,7 @@ from gguflm.tokenizer import (
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from conftest import reference  # noqa: E402
+from conftest import is_utf8, reference  # noqa: E402
 
 from gguflm.cli import default_model_path  # noqa: E402
 
@@ -150,7 +150,7 @@ def test_stream_decoder_holds_incomplete_utf8(smollm: Tokenizer) -> None:
     text = "llama: 🦙 and 🔥!"
     ids = smollm.encode(text, add_special=False)
     pieces = [smollm.token_to_piece(i) for i in ids]
-    assert any(not _is_utf8(p) for p in pieces), "expected an emoji split over byte tokens"
+    assert any(not is_utf8(p) for p in pieces), "expected an emoji split over byte tokens"
     stream = StreamDecoder(smollm)
     outputs = [stream.push(i) for i in ids]
     assert "".join(outputs) + stream.flush() == text
@@ -166,14 +166,6 @@ def test_stream_decoder_flush_replaces_unfinished_character(smollm: Tokenizer) -
     assert stream.push(ids[0]) == ""
     assert stream.flush() == "\ufffd"
     assert "".join(stream.push(i) for i in ids) == "🦙"
-
-
-def _is_utf8(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 def test_decode_rejects_invalid_ids(smollm: Tokenizer) -> None:

@@ -158,10 +158,11 @@ class Context:
                     log.error("decode: invalid seq_id[%d] = %d >= n_seq_max = %d", i, s, self.n_seq_max)
                     return None
                 seq[i, s] = True
-        first_seq = seq.argmax(axis=1)
+        last_cached = {s: self.kv.seq_pos_max(s) for s in np.flatnonzero(seq.any(axis=0)).tolist()}
         if batch.pos is None:
             pos = np.empty(n, dtype=np.int64)
-            next_pos = {s: self.kv.seq_pos_max(s) + 1 for s in np.flatnonzero(seq.any(axis=0)).tolist()}
+            next_pos = {s: p + 1 for s, p in last_cached.items()}
+            first_seq = seq.argmax(axis=1)
             for i in range(n):
                 pos[i] = next_pos[int(first_seq[i])]
                 for s in np.flatnonzero(seq[i]).tolist():
@@ -171,9 +172,8 @@ class Context:
             if (pos < 0).any():
                 log.error("decode: negative position %d", int(pos.min()))
                 return None
-        for s in np.flatnonzero(seq.any(axis=0)).tolist():
+        for s, last in last_cached.items():
             p = np.sort(pos[seq[:, s]])
-            last = self.kv.seq_pos_max(s)
             if last >= 0 and p[0] != last + 1:
                 log.error(
                     "decode: sequence %d continues at position %d, but its last cached position is %d "

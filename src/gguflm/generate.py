@@ -20,13 +20,13 @@ class DecodeError(RuntimeError):
         self.status = status
 
 
-def decode_tokens(ctx: Context, tokens: list[int], seq_id: int = 0, all_logits: bool = False) -> None:
+def decode_tokens(ctx: Context, tokens: list[int], seq_id: int = 0) -> None:
     """Decode tokens for one sequence in batches of n_batch, continuing its cached positions."""
     if not tokens:
         raise ValueError("nothing to decode: the token list is empty")
     for start in range(0, len(tokens), ctx.n_batch):
         chunk = tokens[start : start + ctx.n_batch]
-        output = [all_logits or (start + i == len(tokens) - 1) for i in range(len(chunk))]
+        output = [start + i == len(tokens) - 1 for i in range(len(chunk))]
         status = ctx.decode(Batch.from_tokens(chunk, seq_ids=[[seq_id]] * len(chunk), output=output))
         if status != DECODE_OK:
             raise DecodeError(status, f"{len(chunk)} prompt tokens")

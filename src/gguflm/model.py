@@ -118,10 +118,9 @@ class Transformer:
             return QuantizedLinear.concat(parts, mode=mode, bias=bias, device=device)
 
         self.tok_embd = linear([("token_embd", a.n_vocab)], a.n_embd)
-        file.release_pages()  # packing reads every page; keep the peak resident memory down as we go
         self.layers: list[Layer] = []
         for i in range(a.n_layer):
-            file.release_pages()
+            file.release_pages()  # packing reads every page; keep the peak resident memory down as we go
             p = f"blk.{i}"
             self.layers.append(
                 Layer(
