@@ -36,6 +36,7 @@ from typing import Any, TextIO
 
 from gguflm.llm import LLM
 from gguflm.model import Model
+from gguflm.sampling_args import add_sampling_args, grammar_from_args, sampler_params
 
 log = logging.getLogger("gguflm")
 
@@ -364,15 +365,8 @@ def make_session(args: argparse.Namespace, err: TextIO) -> ChatSession:
         seed=args.seed,
         penalty_last_n=args.repeat_last_n,
     )
-    sampling = {
-        "temperature": args.temp,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "min_p": args.min_p,
-        "repeat_penalty": args.repeat_penalty,
-        "presence_penalty": args.presence_penalty,
-        "frequency_penalty": args.frequency_penalty,
-    }
+    # the same llama.cpp flags as `gguflm run`, checked before the first turn
+    sampling = {"sampler_params": sampler_params(args), "grammar": grammar_from_args(args)}
     max_tokens = args.n_predict if args.n_predict > 0 else None
     return ChatSession(llm, args.system, sampling=sampling, max_tokens=max_tokens, err=err)
 
@@ -406,15 +400,7 @@ def build_chat_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--chat-template", help="built-in template name, a file, or Jinja text (default: the GGUF's)"
     )
     p.add_argument("-n", "--n-predict", type=int, default=-1, help="most tokens per reply (-1: until done)")
-    p.add_argument("--temp", type=float, default=0.8, help="temperature; 0 is greedy")
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--min-p", type=float, default=0.05)
-    p.add_argument("--repeat-penalty", type=float, default=1.0)
-    p.add_argument("--repeat-last-n", type=int, default=64)
-    p.add_argument("--presence-penalty", type=float, default=0.0)
-    p.add_argument("--frequency-penalty", type=float, default=0.0)
-    p.add_argument("-s", "--seed", type=int, default=0xFFFFFFFF, help="random seed (default: random)")
+    add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
     return p
 

@@ -306,6 +306,7 @@ class LLM:
         grammar: Grammar | str | None = None,
         *,
         stream: bool = False,
+        sampler_params: SamplerParams | None = None,
     ) -> Completion | Iterator[Completion]:
         """Continue `prompt` (text, or token ids), like llama-cpp-python's create_completion.
 
@@ -344,6 +345,7 @@ class LLM:
             mirostat_eta=mirostat_eta,
             logit_bias=logit_bias,
             seed=seed,
+            params=sampler_params,
         )
         if logprobs is not None:
             _check_int("logprobs", logprobs, 0)
@@ -455,6 +457,7 @@ class LLM:
         grammar: Grammar | str | None = None,
         *,
         stream: bool = False,
+        sampler_params: SamplerParams | None = None,
     ) -> Completion | Iterator[Completion]:
         """The assistant's reply to `messages`, like llama-cpp-python's create_chat_completion.
 
@@ -493,6 +496,7 @@ class LLM:
             mirostat_eta=mirostat_eta,
             logit_bias=logit_bias,
             seed=seed,
+            params=sampler_params,
         )
         matcher = self._matcher(grammar, response_format)
         n_probs = (top_logprobs or 0) if logprobs else None
@@ -599,7 +603,12 @@ class LLM:
         mirostat_eta: float,
         logit_bias: Mapping[int | str, float] | None,
         seed: int | None,
+        params: SamplerParams | None = None,
     ) -> Sampler:
+        """The sampler for one call: from llama-cpp-python's arguments, or from ready `params` (the
+        CLI's llama.cpp flags, `gguflm.sampling_args`), which then take the place of all of them."""
+        if params is not None:
+            return Sampler(params, n_ctx=self.n_ctx, tokenizer=self.tokenizer)
         bias: dict[int, float] = {}
         for key, value in (logit_bias or {}).items():
             try:
