@@ -237,11 +237,7 @@ class LLM:
 
         Special tokens are left out unless `special`. `.decode("utf-8", "replace")` gives text.
         """
-        ids = [int(t) for t in tokens]
-        for t in ids:
-            if not 0 <= t < self.tokenizer.n_vocab:
-                raise ValueError(f"invalid token id {t} (vocabulary has {self.tokenizer.n_vocab} tokens)")
-        return self.tokenizer.decode_bytes(ids, special=special)
+        return self.tokenizer.decode_bytes(self._check_tokens(tokens), special=special)
 
     def _token_str(self, tid: int) -> str:
         return self.tokenizer.token_to_piece(tid, special=True).decode("utf-8", errors="replace")
