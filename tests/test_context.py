@@ -150,6 +150,36 @@ def test_sequences_in_one_batch_equal_each_alone(tiny_llama: Model) -> None:
         assert close(got, fresh_logits(tiny_llama, toks))
 
 
+def test_parallel_decode_steps_give_each_sequence_its_alone_logits_exactly(smollm2: Model) -> None:
+    """Fast mode, bf16 activations: any difference in attention's sums grows through the layers (it
+    reached 0.3 in the logits), so sequences that share decode steps must get bit-identical logits.
+    Three prompts, two of one length (stacked into one attention call), one longer."""
+    prompts = [tokens_of(n, seed, smollm2.n_vocab) for n, seed in ((6, 1), (6, 2), (11, 3))]
+    steps = [tokens_of(4, seed, smollm2.n_vocab) for seed in (4, 5, 6)]  # each sequence's next tokens
+
+    def alone(prompt: list[int], nexts: list[int]) -> list[torch.Tensor]:
+        ctx = Context(smollm2, n_ctx=64)
+        assert ctx.decode(Batch.from_tokens(prompt)) == 0
+        out = [ctx.logits(-1).clone()]
+        for t in nexts:
+            assert ctx.decode(Batch.from_tokens([t])) == 0
+            out.append(ctx.logits(-1).clone())
+        return out
+
+    ctx = Context(smollm2, n_ctx=64, n_seq_max=3)
+    together: list[list[torch.Tensor]] = [[], [], []]
+    for s, prompt in enumerate(prompts):  # a shared cache: each prompt decoded into its own sequence
+        assert ctx.decode(Batch.from_tokens(prompt, seq_ids=[[s]] * len(prompt))) == 0
+        together[s].append(ctx.logits(-1).clone())
+    for i in range(4):
+        assert ctx.decode(Batch.from_tokens([st[i] for st in steps], seq_ids=[[0], [1], [2]], output=[True] * 3)) == 0
+        for s in range(3):
+            together[s].append(ctx.logits(s).clone())
+    for s in range(3):
+        want = alone(prompts[s], steps[s])
+        assert all(torch.equal(g, w) for g, w in zip(together[s], want, strict=True)), f"sequence {s}"
+
+
 def test_pos_none_continues_each_sequence(tiny_llama: Model) -> None:
     ctx = Context(tiny_llama, n_ctx=32, n_seq_max=2)
     assert ctx.decode(Batch.from_tokens([1, 2, 3], seq_ids=[[0]] * 3)) == 0

@@ -13,7 +13,7 @@ import torch
 
 from gguflm.batch import Batch
 from gguflm.kv_cache import KVCache
-from gguflm.model import Model
+from gguflm.model import Model, SequenceGroup
 
 log = logging.getLogger("gguflm")
 
@@ -69,6 +69,8 @@ class Context:
             log.warning(
                 "n_ctx %d is larger than the model was trained for (%d)", n_ctx, model.args.n_ctx_train
             )
+        if n_seq_max > 1:  # one output row per sequence and step: the output matrix runs at many rows
+            model.transformer.output.keep_dense_copy()
         self.model = model
         self.n_ctx = n_ctx
         self.n_batch = n_batch
@@ -236,36 +238,37 @@ class Context:
             outs.append(h)
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
-    def _sequence_groups(
-        self, seq: np.ndarray, mask: np.ndarray, n_kv: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """When a micro-batch holds several sequence sets, lay each out alone for attention: padded
-        (G, R) row ids, (G, C) cell ids in position order, (G, R, C) mask, and (G, R) valid rows.
-        None when the micro-batch holds one sequence set (the common case)."""
+    def _sequence_groups(self, seq: np.ndarray, mask: np.ndarray, n_kv: int) -> list[SequenceGroup] | None:
+        """Each sequence set's rows, its cells in position order and its mask over them, sets of the same
+        shape stacked into one group: attention then sees what it sees when the set is decoded alone
+        from an empty cache. None when the micro-batch holds one set that owns cells 0..n_kv-1 in
+        position order already (the common case: one sequence)."""
         sets, which = np.unique(seq, axis=0, return_inverse=True)
-        if len(sets) == 1:
+        span_seq, span_pos = self.kv.seq[:n_kv], self.kv.pos[:n_kv]
+        if len(sets) == 1 and (span_seq & sets[0]).any(axis=1).all() and (np.diff(span_pos) > 0).all():
             return None
         which = which.reshape(-1)
-        span_seq, span_pos = self.kv.seq[:n_kv], self.kv.pos[:n_kv]
-        rows_of = [np.flatnonzero(which == g) for g in range(len(sets))]
-        cells_of = []
-        for members in sets:
+        by_shape: dict[tuple[int, int, bool], list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+        for g, members in enumerate(sets):
+            rows = np.flatnonzero(which == g)
             cells = np.flatnonzero((span_seq & members).any(axis=1) & (span_pos >= 0))
-            cells_of.append(cells[np.argsort(span_pos[cells], kind="stable")])
-        n_rows, n_cells = max(map(len, rows_of)), max(map(len, cells_of))
-        row_ids = np.zeros((len(sets), n_rows), dtype=np.int64)
-        cell_ids = np.zeros((len(sets), n_cells), dtype=np.int64)
-        group_mask = np.zeros((len(sets), n_rows, n_cells), dtype=bool)
-        valid = np.zeros((len(sets), n_rows), dtype=bool)
-        for g, (rows, cells) in enumerate(zip(rows_of, cells_of, strict=True)):
-            row_ids[g, : len(rows)] = rows
-            cell_ids[g, : len(cells)] = cells
-            cell_ids[g, len(cells) :] = cells[0]  # padding keys sit after the real ones, masked out
-            group_mask[g, : len(rows), : len(cells)] = mask[np.ix_(rows, cells)]
-            group_mask[g, len(rows) :, 0] = True  # padding queries see one key: no NaN, discarded
-            valid[g, : len(rows)] = True
+            cells = cells[np.argsort(span_pos[cells], kind="stable")]
+            sub = mask[np.ix_(rows, cells)]
+            causal = len(rows) > 1 and len(rows) == len(cells) and np.array_equal(sub, np.tri(len(rows), dtype=bool))
+            by_shape.setdefault((len(rows), len(cells), causal), []).append((rows, cells, sub))
         device = self.model.transformer.device
-        return tuple(torch.from_numpy(a).to(device) for a in (row_ids, cell_ids, group_mask, valid))  # type: ignore[return-value]
+
+        def stacked(parts: list[np.ndarray]) -> torch.Tensor:
+            return torch.from_numpy(np.stack(parts)).to(device)
+
+        return [
+            SequenceGroup(
+                stacked([r for r, _, _ in members]),
+                stacked([c for _, c, _ in members]),
+                None if causal else stacked([m for _, _, m in members]),
+            )
+            for (_, _, causal), members in by_shape.items()
+        ]
 
     def _store_outputs(
         self, hidden: torch.Tensor, pos: np.ndarray, seq: np.ndarray, output: np.ndarray

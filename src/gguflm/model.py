@@ -12,6 +12,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +66,23 @@ def neox_to_pairs(n_heads: int, head_dim: int, rope_dim: int) -> torch.Tensor:
         )
     )
     return (torch.arange(n_heads)[:, None] * head_dim + within[None, :]).flatten()
+
+
+class SequenceGroup(NamedTuple):
+    """Sequence sets of a micro-batch attended alone (Context._sequence_groups): B sets with R rows and
+    C cells each, stacked."""
+
+    rows: torch.Tensor  # (B, R) rows of the micro-batch
+    cells: torch.Tensor  # (B, C) KV cells each set's rows may see, in position order
+    mask: torch.Tensor | None  # (B, R, C) bool, True = may attend; None: plain causal (R == C)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """q (B, n_head, R, hd), k and v (B, n_head_kv, C, hd), mask (B, R, C) or None (causal)
+    -> (B, n_head, R, hd). Each of the B problems gets the arithmetic it gets alone (B = 1)."""
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=None if mask is None else mask[:, None], is_causal=mask is None, enable_gqa=True
+    )
 
 
 @dataclass
@@ -160,21 +178,20 @@ class Transformer:
         kv: KVCache,
         mask: torch.Tensor | None,  # (T, n_kv) bool, True = may attend; None: causal over cells 0..T-1
         out_rows: torch.Tensor,  # (n_out,) rows of the micro-batch whose output is wanted
-        groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        groups: list[SequenceGroup] | None = None,
     ) -> torch.Tensor:
         """Returns (n_out, n_embd): the final-normed hidden states of the requested rows.
 
         `groups` (Context._sequence_groups), when a micro-batch holds several sequence sets: attention
-        then runs per sequence over its own cells in position order, padded at the end, which is the
-        arithmetic it gets alone (the kernel's sums depend on where keys sit), so a sequence samples
-        the same tokens whatever shares its batch.
+        then runs for each set alone over its own cells in position order, the very call it gets when
+        decoded alone (the kernel's sums depend on where keys sit and on how many there are, masked or
+        not), so a sequence samples the same tokens whatever shares its batch.
         """
         a = self.args
         T = x.shape[0]
         n_kv = T if mask is None else mask.shape[1]
         hd, n_qk_heads = a.head_dim, a.n_head + a.n_head_kv
         qk_size = n_qk_heads * hd
-        attn_mask = None if mask is None else mask[None, None]  # (1, 1, T, n_kv)
         rotation = self.rope.rotation(pos)  # (T, rope_dim/2)
         for i, layer in enumerate(self.layers):
             h = F.rms_norm(x, (a.n_embd,), layer.attn_norm, a.norm_eps)
@@ -189,29 +206,17 @@ class Transformer:
             keys = kv.k[i, :, :n_kv].to(q.dtype)  # (n_head_kv, n_kv, hd)
             values = kv.v[i, :, :n_kv].to(q.dtype)
             if groups is None:
-                attn = F.scaled_dot_product_attention(
-                    q[None],
-                    keys[None],
-                    values[None],
-                    attn_mask=attn_mask,
-                    is_causal=mask is None,
-                    enable_gqa=True,
-                )[0]  # (n_head, T, hd)
+                attn = attend(q[None], keys[None], values[None], None if mask is None else mask[None])[0]
             else:
-                row_ids, cell_ids, group_mask, valid = groups  # (G, R), (G, C), (G, R, C), (G, R)
-                n_groups, n_cells = cell_ids.shape
-                q_g = q[:, row_ids].transpose(0, 1)  # (G, n_head, R, hd)
-                k_g = keys.index_select(1, cell_ids.flatten()).view(a.n_head_kv, n_groups, n_cells, hd)
-                v_g = values.index_select(1, cell_ids.flatten()).view(a.n_head_kv, n_groups, n_cells, hd)
-                out = F.scaled_dot_product_attention(
-                    q_g,
-                    k_g.transpose(0, 1),
-                    v_g.transpose(0, 1),
-                    attn_mask=group_mask[:, None],
-                    enable_gqa=True,
-                )  # (G, n_head, R, hd)
                 attn = torch.empty_like(q)  # (n_head, T, hd)
-                attn[:, row_ids[valid]] = out.transpose(0, 1)[:, valid]
+                for g in groups:
+                    (n_sets, n_rows), n_cells = g.rows.shape, g.cells.shape[1]
+                    g_rows, g_cells = g.rows.flatten(), g.cells.flatten()
+                    q_g = q[:, g_rows].view(a.n_head, n_sets, n_rows, hd).transpose(0, 1)  # (B, n_head, R, hd)
+                    k_g = keys[:, g_cells].view(a.n_head_kv, n_sets, n_cells, hd).transpose(0, 1)
+                    v_g = values[:, g_cells].view(a.n_head_kv, n_sets, n_cells, hd).transpose(0, 1)
+                    out = attend(q_g, k_g, v_g, g.mask)  # (B, n_head, R, hd)
+                    attn[:, g_rows] = out.transpose(0, 1).reshape(a.n_head, n_sets * n_rows, hd)
             attn = attn.transpose(0, 1).reshape(T, a.n_head * hd)
             if i == a.n_layer - 1:  # only the requested rows go on (llama.cpp's inp_out_ids)
                 attn, x = attn[out_rows], x[out_rows]
