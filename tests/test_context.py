@@ -172,7 +172,8 @@ def test_parallel_decode_steps_give_each_sequence_its_alone_logits_exactly(smoll
         assert ctx.decode(Batch.from_tokens(prompt, seq_ids=[[s]] * len(prompt))) == 0
         together[s].append(ctx.logits(-1).clone())
     for i in range(4):
-        assert ctx.decode(Batch.from_tokens([st[i] for st in steps], seq_ids=[[0], [1], [2]], output=[True] * 3)) == 0
+        step = Batch.from_tokens([st[i] for st in steps], seq_ids=[[0], [1], [2]], output=[True] * 3)
+        assert ctx.decode(step) == 0
         for s in range(3):
             together[s].append(ctx.logits(s).clone())
     for s in range(3):

@@ -254,7 +254,11 @@ class Context:
             cells = np.flatnonzero((span_seq & members).any(axis=1) & (span_pos >= 0))
             cells = cells[np.argsort(span_pos[cells], kind="stable")]
             sub = mask[np.ix_(rows, cells)]
-            causal = len(rows) > 1 and len(rows) == len(cells) and np.array_equal(sub, np.tri(len(rows), dtype=bool))
+            causal = (
+                len(rows) > 1
+                and len(rows) == len(cells)
+                and np.array_equal(sub, np.tri(len(rows), dtype=bool))
+            )
             by_shape.setdefault((len(rows), len(cells), causal), []).append((rows, cells, sub))
         device = self.model.transformer.device
 

@@ -212,7 +212,8 @@ class Transformer:
                 for g in groups:
                     (n_sets, n_rows), n_cells = g.rows.shape, g.cells.shape[1]
                     g_rows, g_cells = g.rows.flatten(), g.cells.flatten()
-                    q_g = q[:, g_rows].view(a.n_head, n_sets, n_rows, hd).transpose(0, 1)  # (B, n_head, R, hd)
+                    # (B, n_head, R, hd) queries, (B, n_head_kv, C, hd) keys and values
+                    q_g = q[:, g_rows].view(a.n_head, n_sets, n_rows, hd).transpose(0, 1)
                     k_g = keys[:, g_cells].view(a.n_head_kv, n_sets, n_cells, hd).transpose(0, 1)
                     v_g = values[:, g_cells].view(a.n_head_kv, n_sets, n_cells, hd).transpose(0, 1)
                     out = attend(q_g, k_g, v_g, g.mask)  # (B, n_head, R, hd)
