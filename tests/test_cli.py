@@ -150,3 +150,29 @@ def test_over_long_prompt_is_refused_before_anything_is_printed(capsys: pytest.C
     code, out, err = run_cli(capsys, "run", "-p", "word " * 100, "-c", "32", "-n", "4")
     assert code == 1 and out == ""
     assert re.fullmatch(r"error: the prompt has 1\d\d tokens, the context holds 32 \(raise -c\)", err.strip())
+
+
+def test_bench_json_reports_every_measure(capsys: pytest.CaptureFixture[str], tiny_llama_path: Path) -> None:
+    code, out, _ = run_cli(
+        capsys,
+        "bench",
+        "-m",
+        str(tiny_llama_path),
+        "-p",
+        "32",
+        "-n",
+        "8",
+        "-r",
+        "2",
+        "--npl",
+        "1,4",
+        "-o",
+        "json",
+    )
+    assert code == 0
+    result = json.loads(out)
+    assert result["model"] == tiny_llama_path.name
+    assert set(result["npl"]) == {"1", "4"}
+    speeds = [result["pp_tps"], result["tg_tps"], *result["npl"].values()]
+    assert all(isinstance(v, float) and v > 0 for v in speeds)
+    assert result["peak_rss_mb"] > 50  # the interpreter and torch alone take more
