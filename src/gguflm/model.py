@@ -43,16 +43,17 @@ class Rope:
         self.rope_dim = args.rope_dim
 
     def rotation(self, pos: torch.Tensor) -> torch.Tensor:
-        """(n,) positions -> (n, rope_dim/2) unit complex numbers e^(i pos theta_j)."""
-        angle = pos.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        """(n,) positions -> (n, 1, rope_dim/2) unit complex numbers e^(i pos theta_j), one per pair."""
+        angle = pos.to(torch.float32)[:, None, None] * self.inv_freq
         return torch.polar(torch.ones_like(angle), angle)
 
     def __call__(self, x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-        """x (n, heads, head_dim) rotated by rotation (n, rope_dim/2)."""
+        """x (n, heads, head_dim) float32 rotated by rotation (n, 1, rope_dim/2)."""
+        n, heads, hd = x.shape
         rd = self.rope_dim
-        part = x if rd == x.shape[-1] else x[..., :rd]
-        pairs = torch.view_as_complex(part.float().unflatten(-1, (rd // 2, 2)))  # (n, heads, rd/2)
-        rotated = torch.view_as_real(pairs * rotation[:, None, :]).flatten(-2)
+        part = x if rd == hd else x[..., :rd]
+        pairs = torch.view_as_complex(part.view(n, heads, rd // 2, 2))  # (n, heads, rd/2)
+        rotated = torch.view_as_real(pairs * rotation).view(n, heads, rd)
         return rotated if part is x else torch.cat((rotated, x[..., rd:]), dim=-1)
 
 
@@ -168,7 +169,7 @@ class Transformer:
 
     def shift_keys(self, k: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """Cached keys k (n_head_kv, n, head_dim) re-rotated by a position change delta (n,)."""
-        return self.rope(k.transpose(0, 1), self.rope.rotation(delta)).transpose(0, 1)
+        return self.rope(k.transpose(0, 1).float(), self.rope.rotation(delta)).transpose(0, 1)
 
     def forward(
         self,
@@ -192,19 +193,24 @@ class Transformer:
         n_kv = T if mask is None else mask.shape[1]
         hd, n_qk_heads = a.head_dim, a.n_head + a.n_head_kv
         qk_size = n_qk_heads * hd
-        rotation = self.rope.rotation(pos)  # (T, rope_dim/2)
+        rotation = self.rope.rotation(pos)  # (T, 1, rope_dim/2)
+        cache_dtype = kv.k.dtype
         for i, layer in enumerate(self.layers):
             h = F.rms_norm(x, (a.n_embd,), layer.attn_norm, a.norm_eps)
             qkv = layer.wqkv.mm(h.to(layer.wqkv.act_dtype)).float()  # (T, (n_head + 2 n_head_kv) hd)
             qk = self.rope(qkv[:, :qk_size].view(T, n_qk_heads, hd), rotation)  # (T, n_head + n_head_kv, hd)
             v = qkv[:, qk_size:].view(T, a.n_head_kv, hd)  # (T, n_head_kv, hd)
-            kv.k[i].index_copy_(1, cells, qk[:, a.n_head :].transpose(0, 1).to(kv.k.dtype))
-            kv.v[i].index_copy_(1, cells, v.transpose(0, 1).to(kv.v.dtype))
+            k_new, v_new = qk[:, a.n_head :].transpose(0, 1), v.transpose(0, 1)  # (n_head_kv, T, hd)
+            if cache_dtype != torch.float32:
+                k_new, v_new = k_new.to(cache_dtype), v_new.to(cache_dtype)
+            kv.k[i].index_copy_(1, cells, k_new)
+            kv.v[i].index_copy_(1, cells, v_new)
             q = qk[:, : a.n_head].transpose(0, 1)  # (n_head, T, hd)
+            keys, values = kv.k[i, :, :n_kv], kv.v[i, :, :n_kv]  # (n_head_kv, n_kv, hd)
             if T >= PREFILL_ROWS:
                 q = q.to(self.attn_dtype_prefill)
-            keys = kv.k[i, :, :n_kv].to(q.dtype)  # (n_head_kv, n_kv, hd)
-            values = kv.v[i, :, :n_kv].to(q.dtype)
+            if keys.dtype != q.dtype:
+                keys, values = keys.to(q.dtype), values.to(q.dtype)
             if groups is None:
                 attn = attend(q[None], keys[None], values[None], None if mask is None else mask[None])[0]
             else:
