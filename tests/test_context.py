@@ -232,7 +232,7 @@ def test_context_shift_keys_equal_keys_computed_at_the_new_positions(tiny_llama:
     assert fresh.decode(Batch.from_tokens([*tokens[:2], *tokens[6:]])) == 0
     cells = np.flatnonzero(ctx.kv.pos >= 0)
     cells = cells[np.argsort(ctx.kv.pos[cells])]
-    assert torch.allclose(ctx.kv.k[0][:, cells], fresh.kv.k[0][:, :10], atol=1e-5)
+    assert torch.allclose(ctx.kv.k[0][cells], fresh.kv.k[0][:10], atol=1e-5)
     assert ctx.decode(Batch.from_tokens([9])) == 0  # and decoding goes on after the shift
 
 

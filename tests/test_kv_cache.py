@@ -8,8 +8,8 @@ from gguflm.kv_cache import KVCache
 
 
 def shift_by_adding(k: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """A stand-in for RoPE that makes the shift visible: key += delta."""
-    return k + delta[None, :, None].to(k.dtype)
+    """A stand-in for RoPE that makes the shift visible: key (n, n_head_kv, head_dim) += delta (n,)."""
+    return k + delta[:, None, None].to(k.dtype)
 
 
 def make_cache(n_ctx: int = 8, n_seq_max: int = 3) -> KVCache:
@@ -61,11 +61,11 @@ def test_seq_rm_cp_keep() -> None:
 def test_seq_add_shifts_positions_rotates_keys_and_frees_negative() -> None:
     cache = make_cache()
     cells = fill(cache, 0, [0, 1, 2, 3])
-    before = cache.k[:, :, cells].clone()
+    before = cache.k[:, cells].clone()
     cache.seq_add(0, 2, -1, -2)
     assert cache.pos[cells].tolist() == [0, 1, 0, 1]
-    assert torch.equal(cache.k[:, :, cells[2:]], before[:, :, 2:] - 2)
-    assert torch.equal(cache.k[:, :, cells[:2]], before[:, :, :2])
+    assert torch.equal(cache.k[:, cells[2:]], before[:, 2:] - 2)
+    assert torch.equal(cache.k[:, cells[:2]], before[:, :2])
     cache.seq_add(0, 0, 1, -5)  # positions below zero free their cells
     assert cache.n_used == 2  # the two cells at position 0
 

@@ -7,7 +7,6 @@ probabilities), so the two implementations agree on them.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterable
 
 import numpy as np
@@ -489,18 +488,14 @@ def test_logprobs_are_log_softmax_of_the_raw_logits() -> None:
     assert sampler.sample_with_logprobs(logits, 0)[2] == []
 
 
-def test_chain_on_a_full_vocabulary_is_fast_and_cuts_like_top_k() -> None:
+def test_chain_on_a_full_vocabulary_cuts_like_top_k() -> None:
+    """The default chain's candidates are a subset of the top 40 (its speed: benchmarks, not tests)."""
     logits = torch.randn(49152, generator=torch.Generator().manual_seed(1)) * 3
     sampler = Sampler(SamplerParams(seed=1))
     cand = sampler.candidates(logits)
     assert set(ids(cand)) <= set(torch.topk(logits, 40).indices.tolist())
-    for _ in range(5):
-        sampler(logits)
-    start = time.perf_counter()
-    for _ in range(50):
-        sampler(logits)
-    per_token = (time.perf_counter() - start) / 50
-    assert per_token < 5e-3, f"{per_token * 1e3:.2f} ms per token"  # ~0.1 ms measured; loose for busy CI
+    top40 = set(torch.topk(logits, 40).indices.tolist())
+    assert all(sampler(logits) in top40 for _ in range(50))
 
 
 def test_same_seed_same_tokens_whatever_shares_the_batch(smollm2) -> None:  # type: ignore[no-untyped-def]

@@ -168,8 +168,8 @@ class Transformer:
         return self.tok_embd.rows(tokens.to(self.device))
 
     def shift_keys(self, k: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """Cached keys k (n_head_kv, n, head_dim) re-rotated by a position change delta (n,)."""
-        return self.rope(k.transpose(0, 1).float(), self.rope.rotation(delta)).transpose(0, 1)
+        """Cached keys k (n, n_head_kv, head_dim) re-rotated by a position change delta (n,): float32."""
+        return self.rope(k.float(), self.rope.rotation(delta))
 
     def forward(
         self,
@@ -200,13 +200,14 @@ class Transformer:
             qkv = layer.wqkv.mm(h.to(layer.wqkv.act_dtype)).float()  # (T, (n_head + 2 n_head_kv) hd)
             qk = self.rope(qkv[:, :qk_size].view(T, n_qk_heads, hd), rotation)  # (T, n_head + n_head_kv, hd)
             v = qkv[:, qk_size:].view(T, a.n_head_kv, hd)  # (T, n_head_kv, hd)
-            k_new, v_new = qk[:, a.n_head :].transpose(0, 1), v.transpose(0, 1)  # (n_head_kv, T, hd)
+            k_new = qk[:, a.n_head :]  # (T, n_head_kv, hd)
             if cache_dtype != torch.float32:
-                k_new, v_new = k_new.to(cache_dtype), v_new.to(cache_dtype)
-            kv.k[i].index_copy_(1, cells, k_new)
-            kv.v[i].index_copy_(1, cells, v_new)
+                k_new, v = k_new.to(cache_dtype), v.to(cache_dtype)
+            kv.k[i].index_copy_(0, cells, k_new)
+            kv.v[i].index_copy_(0, cells, v)
             q = qk[:, : a.n_head].transpose(0, 1)  # (n_head, T, hd)
-            keys, values = kv.k[i, :, :n_kv], kv.v[i, :, :n_kv]  # (n_head_kv, n_kv, hd)
+            cached_k, cached_v = kv.k[i, :n_kv], kv.v[i, :n_kv]  # (n_kv, n_head_kv, hd)
+            keys, values = cached_k.transpose(0, 1), cached_v.transpose(0, 1)  # (n_head_kv, n_kv, hd)
             if T >= PREFILL_ROWS:
                 q = q.to(self.attn_dtype_prefill)
             if keys.dtype != q.dtype:
@@ -220,8 +221,12 @@ class Transformer:
                     g_rows, g_cells = g.rows.flatten(), g.cells.flatten()
                     # (B, n_head, R, hd) queries, (B, n_head_kv, C, hd) keys and values
                     q_g = q[:, g_rows].view(a.n_head, n_sets, n_rows, hd).transpose(0, 1)
-                    k_g = keys[:, g_cells].view(a.n_head_kv, n_sets, n_cells, hd).transpose(0, 1)
-                    v_g = values[:, g_cells].view(a.n_head_kv, n_sets, n_cells, hd).transpose(0, 1)
+                    # the same strides as the cache's own keys: the same arithmetic as alone
+                    k_g = keys.transpose(0, 1).index_select(0, g_cells).view(n_sets, n_cells, a.n_head_kv, hd)
+                    v_g = (
+                        values.transpose(0, 1).index_select(0, g_cells).view(n_sets, n_cells, a.n_head_kv, hd)
+                    )
+                    k_g, v_g = k_g.transpose(1, 2), v_g.transpose(1, 2)
                     out = attend(q_g, k_g, v_g, g.mask)  # (B, n_head, R, hd)
                     attn[:, g_rows] = out.transpose(0, 1).reshape(a.n_head, n_sets * n_rows, hd)
             attn = attn.transpose(0, 1).reshape(T, a.n_head * hd)
