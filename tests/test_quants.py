@@ -218,6 +218,20 @@ def test_forced_kernels_close_to_reference(qtype: QT) -> None:
         assert err < FAST_REL_ERR, f"{qtype.name} kernel {kernel}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("qtype", [QT.Q4_1, QT.Q8_0, QT.Q4_K], ids=lambda t: t.name)
+def test_dense_copy_is_close_and_gives_each_row_the_same_result_whatever_shares_the_call(qtype: QT) -> None:
+    shape = (4096, 512)  # big enough that a plain bf16 matmul's row results depend on the row count
+    data = weight(qtype, shape, 13)
+    ref = QuantizedLinear(data, qtype, shape, mode="reference")
+    fast = QuantizedLinear(data, qtype, shape)
+    fast.keep_dense_copy()
+    x = torch.randn(40, shape[1])
+    y = fast(x)
+    assert rel_err(y, ref(x)) < FAST_REL_ERR
+    for rows in ([0], [0, 5], list(range(17)), [3, 0, 9]):  # 1, 2, 17 (two padded calls), reordered
+        assert torch.equal(fast(x[rows]), y[rows]), rows
+
+
 def test_fast_linear_on_quantized_floats() -> None:
     """Real quantized data (Q4_1 and Q8_0 are the default model's formats), batch dims and a bias."""
     rng = np.random.default_rng(4)

@@ -70,7 +70,7 @@ class Context:
                 "n_ctx %d is larger than the model was trained for (%d)", n_ctx, model.args.n_ctx_train
             )
         if n_seq_max > 1:  # one output row per sequence and step: the output matrix runs at many rows
-            model.transformer.output.keep_dense_copy()
+            model.transformer.output.keep_dense_copy()  # on the model, for every context: +2 bytes/weight
         self.model = model
         self.n_ctx = n_ctx
         self.n_batch = n_batch
