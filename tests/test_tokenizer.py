@@ -119,7 +119,9 @@ def test_round_trip_fixed(smollm: Tokenizer, text: str) -> None:
 # SmolLM2's vocabulary lacks a few byte tokens (0x04, 0xF1, ...): characters needing them are
 # dropped, as llama.cpp drops them, so they cannot round-trip
 _MISSING_BYTES = {0x04, 0x06, 0x13, 0x14, 0x16, 0x1D, 0xC0, 0xC1, *range(0xF1, 0xF3), *range(0xF5, 0x100)}
-_ROUND_TRIP_CHARS = st.characters().filter(lambda c: not _MISSING_BYTES & set(c.encode("utf-8")))
+_ROUND_TRIP_CHARS = st.characters(exclude_categories=("Cs",)).filter(  # no lone surrogates: not text
+    lambda c: not _MISSING_BYTES & set(c.encode("utf-8"))
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
