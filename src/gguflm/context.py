@@ -44,7 +44,12 @@ def normalize(vec: torch.Tensor | np.ndarray | list[float], embd_normalize: int 
 
 
 class Context:
-    """Decoding state over one model: the KV cache and the outputs of the last decode."""
+    """Decoding state over one model: the KV cache and the outputs of the last decode.
+
+    A context for several sequences (n_seq_max > 1) gives the model a bf16 copy of its output matrix
+    (QuantizedLinear.keep_dense_copy), kept for every later context: parallel decoding runs 16 rows
+    at a time through it, one sequence alone gets slower logits (49152x576: 2.2 instead of 1.4 ms).
+    """
 
     def __init__(
         self,
