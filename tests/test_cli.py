@@ -99,6 +99,18 @@ def test_embeddings_match_llama_embedding(smollm2: Model, case: dict) -> None:
     assert min(cosine(a, b) for a, b in zip(ours, theirs, strict=True)) >= 0.99
 
 
+@pytest.mark.parametrize("pooling", ["mean", "none"])
+def test_packed_prompts_embed_like_each_alone(smollm2: Model, pooling: str) -> None:
+    """Prompts packed into shared batches (and spilling into a second one) keep their order and
+    their vectors: up to the kernels' rounding (int4 rows alone, bf16 matmuls for a big batch)."""
+    texts = ["Hello world", "The capital of France is Paris.", "a", "GGUF files keep weights quantized"] * 5
+    prompts = [smollm2.tokenizer.encode(t, add_special=True, parse_special=True) for t in texts]
+    packed = np.array(embed(smollm2, prompts, pooling, n_batch=64))
+    alone = np.array([v for p in prompts for v in embed(smollm2, [p], pooling)])
+    assert packed.shape == alone.shape
+    assert min(cosine(a, b) for a, b in zip(packed, alone, strict=True)) > 0.999
+
+
 def test_embed_array_output_is_what_llama_embedding_prints(capsys: pytest.CaptureFixture[str]) -> None:
     case = next(c for c in EMBEDDINGS if c["pooling"] == "last")
     code, out, _ = run_cli(

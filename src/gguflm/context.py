@@ -74,8 +74,6 @@ class Context:
             log.warning(
                 "n_ctx %d is larger than the model was trained for (%d)", n_ctx, model.args.n_ctx_train
             )
-        if n_seq_max > 1:  # one output row per sequence and step: the output matrix runs at many rows
-            model.transformer.output.keep_dense_copy()  # on the model, for every context: +2 bytes/weight
         self.model = model
         self.n_ctx = n_ctx
         self.n_batch = n_batch
@@ -83,6 +81,8 @@ class Context:
         self.n_seq_max = n_seq_max
         self.embeddings_enabled = embeddings
         self.pooling = pooling if embeddings else "none"
+        if n_seq_max > 1 and self.pooling == "none":  # logits of a row per sequence and step: many rows
+            model.transformer.output.keep_dense_copy()  # on the model, for every context: +2 bytes/weight
         args = model.args
         self.kv = KVCache(
             n_layer=args.n_layer,
