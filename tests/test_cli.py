@@ -171,7 +171,7 @@ def test_bench_json_reports_every_measure(capsys: pytest.CaptureFixture[str], ti
         "-m",
         str(tiny_llama_path),
         "-p",
-        "32",
+        "8",  # shorter than tg's 16-token prompt: the batch size must still fit that
         "-n",
         "8",
         "-r",
@@ -188,3 +188,11 @@ def test_bench_json_reports_every_measure(capsys: pytest.CaptureFixture[str], ti
     speeds = [result["pp_tps"], result["tg_tps"], *result["npl"].values()]
     assert all(isinstance(v, float) and v > 0 for v in speeds)
     assert result["peak_rss_mb"] > 50  # the interpreter and torch alone take more
+
+
+@pytest.mark.parametrize("argv", [["-t", "0"], ["--npl", "100000000"]])
+def test_bench_bad_threads_or_impossible_context_is_an_error(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    code, _, err = run_cli(capsys, "bench", "-p", "8", "-n", "4", "-r", "1", *argv)
+    assert code == 1 and err.startswith("error: ") and "Traceback" not in err

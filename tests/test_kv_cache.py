@@ -94,3 +94,8 @@ def test_snapshot_restore() -> None:
     fill(cache, 1, [0, 1, 2])
     cache.restore(state)
     assert cache.n_used == 2 and cache.seq_pos_max(1) == -1
+
+
+def test_a_cache_too_big_to_allocate_is_a_clear_memory_error() -> None:
+    with pytest.raises(MemoryError, match="KV cache of 1099511627776 cells"):
+        make_cache(n_ctx=2**40)

@@ -97,7 +97,7 @@ def run_bench(
 ) -> dict[str, object]:
     n_seq_max = max((1, *parallel))
     n_ctx = max(n_prompt, TG_PROMPT + n_gen, TG_PROMPT * n_seq_max + n_seq_max * n_parallel_steps) + 16
-    n_batch = max(n_prompt, n_seq_max, 1)
+    n_batch = max(n_prompt, TG_PROMPT, n_seq_max)
     ctx = Context(model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=512)
     parallel_ctx: list[Context] = []  # made after pp and tg ran: it gives the model a dense output copy
 

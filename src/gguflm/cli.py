@@ -391,12 +391,16 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
         format="%(name)s: %(message)s",
     )
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        print(f"error: -t/--threads must be at least 1, got {threads}", file=sys.stderr)
+        return 1
+    if threads:
+        torch.set_num_threads(threads)
     handler: Callable[[argparse.Namespace], int] = args.func
     try:
         return handler(args)
-    except (UsageError, GGUFError, DecodeError, ValueError) as e:
+    except (UsageError, GGUFError, DecodeError, ValueError, MemoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

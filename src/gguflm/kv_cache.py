@@ -26,7 +26,7 @@ class CacheState:
 
 
 class KVCache:
-    """Cells (position, sequence set) over K/V tensors of shape (n_layer, n_head_kv, n_ctx, head_dim)."""
+    """Cells (position, sequence set) over K/V tensors of shape (n_layer, n_ctx, n_head_kv, head_dim)."""
 
     def __init__(
         self,
@@ -48,8 +48,15 @@ class KVCache:
         # written (slots are taken lowest first), so no uninitialized value is ever read.
         # (n_layer, n_ctx, n_head_kv, head_dim): a cell's heads are one contiguous row, so writing and
         # gathering cells (parallel sequences) copies whole rows: 5x faster than a head-major layout
-        self.k = torch.empty(n_layer, n_ctx, n_head_kv, head_dim, dtype=dtype, device=device)
-        self.v = torch.empty(n_layer, n_ctx, n_head_kv, head_dim, dtype=dtype, device=device)
+        shape = (n_layer, n_ctx, n_head_kv, head_dim)
+        try:
+            self.k = torch.empty(shape, dtype=dtype, device=device)
+            self.v = torch.empty(shape, dtype=dtype, device=device)
+        except (RuntimeError, MemoryError) as e:  # torch reports a failed allocation as RuntimeError
+            size = 2 * torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+            raise MemoryError(
+                f"cannot allocate a KV cache of {n_ctx} cells ({size / 2**30:.1f} GiB): use a smaller context"
+            ) from e
         self.pos = np.full(n_ctx, -1, dtype=np.int64)  # -1: empty cell
         self.seq = np.zeros((n_ctx, n_seq_max), dtype=bool)  # seq[c, s]: cell c belongs to sequence s
 
