@@ -174,10 +174,9 @@ class KVCache:
 
     def seq_pos_min(self, seq_id: int) -> int:
         self._check_seq(seq_id)
-        p = self.pos[self.seq[:, seq_id]]
-        return int(p.min()) if p.size else -1
+        p = self.pos.min(initial=np.iinfo(np.int64).max, where=self.seq[:, seq_id])
+        return -1 if p == np.iinfo(np.int64).max else int(p)
 
     def seq_pos_max(self, seq_id: int) -> int:
         self._check_seq(seq_id)
-        p = self.pos[self.seq[:, seq_id]]
-        return int(p.max()) if p.size else -1
+        return int(self.pos.max(initial=-1, where=self.seq[:, seq_id]))
