@@ -182,7 +182,7 @@ class KLDivergence:
 
     def add(self, index: int, logits: torch.Tensor, targets: torch.Tensor) -> None:
         first = self.n_ctx // 2
-        base = chunk_logits(self.ctx, self.chunks[index])[first : self.n_ctx - 1]  # (n_scored, n_vocab)
+        base = chunk_logits(self.ctx, self.chunks[index], first)  # (n_scored, n_vocab)
         p_log = torch.log_softmax(base.double(), -1)
         q_log = torch.log_softmax(logits.double(), -1)
         self.kl.append((p_log.exp() * (p_log - q_log)).sum(-1))

@@ -33,16 +33,19 @@ class ChunkResult:
         return ppl, err
 
 
-def chunk_logits(ctx: Context, tokens: list[int]) -> torch.Tensor:
-    """(n, n_vocab) logits of every token of one chunk, decoded from an empty cache."""
+def chunk_logits(ctx: Context, tokens: list[int], first: int = 0) -> torch.Tensor:
+    """(n - 1 - first, n_vocab) logits of tokens first..n-2 of one chunk (those that predict a token
+    of the chunk), decoded from an empty cache; only those rows are computed, as llama-perplexity does."""
     ctx.kv.clear()
     rows = []
     for start in range(0, len(tokens), ctx.n_batch):
         part = tokens[start : start + ctx.n_batch]
-        status = ctx.decode(Batch.from_tokens(part, output=[True] * len(part)))
+        output = [first <= start + i < len(tokens) - 1 for i in range(len(part))]
+        status = ctx.decode(Batch.from_tokens(part, output=output))
         if status != DECODE_OK:
             raise DecodeError(status, f"perplexity chunk tokens {start}..{start + len(part)}")
-        rows.append(ctx.all_logits().float())
+        if any(output):
+            rows.append(ctx.all_logits().float())
     return torch.cat(rows)
 
 
@@ -69,7 +72,7 @@ def perplexity(
     nll = nll2 = 0.0
     count = 0
     for i, chunk in enumerate(chunks(tokens, n_ctx, bos)):
-        logits = chunk_logits(ctx, chunk)[first : n_ctx - 1]  # (n_ctx - 1 - first, n_vocab)
+        logits = chunk_logits(ctx, chunk, first)  # (n_ctx - 1 - first, n_vocab)
         targets = torch.tensor(tokens[i * n_ctx + first + 1 : (i + 1) * n_ctx])
         logprobs = torch.log_softmax(logits.double(), dim=-1).gather(1, targets[:, None])[:, 0]
         nll += float(-logprobs.sum())
