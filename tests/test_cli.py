@@ -150,6 +150,26 @@ def test_perplexity_gpl3_within_one_percent_of_llama_cpp(capsys: pytest.CaptureF
     assert out.count("[") == 14  # one running value per chunk
 
 
+def test_kl_divergence_is_zero_against_itself_and_small_for_the_fast_mode(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    text = tmp_path / "gpl3-head.txt"
+    text.write_text(GPL3.read_text()[:6000])  # about 5 chunks of 256 tokens
+
+    def kl(mode: str) -> tuple[float, float]:
+        code, out, _ = run_cli(
+            capsys, "perplexity", "-f", str(text), "-c", "256", "--mode", mode, "--kl-divergence", "reference"
+        )
+        assert code == 0
+        kl_line = next(line for line in out.splitlines() if line.startswith("KL divergence"))
+        top_line = next(line for line in out.splitlines() if line.startswith("Same top token"))
+        return float(kl_line.split("mean ")[1].split(",")[0]), float(top_line.split()[-1].rstrip("%"))
+
+    assert kl("reference") == (0.0, 100.0)
+    mean, top = kl("fast")
+    assert 0 < mean < 0.01 and top > 90
+
+
 def test_embeddings_doc_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
     """docs/embeddings.md promises a runnable example: run it."""
     doc = (Path(__file__).resolve().parents[1] / "docs" / "embeddings.md").read_text()
