@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from gguflm.llm import LLM
+from gguflm.llm import LLM, common_prefix
 from gguflm.model import Model
 from gguflm.sampling_args import add_sampling_args, grammar_from_args, sampler_params
 
@@ -160,9 +160,7 @@ class ChatSession:
         finally:
             stream.close()
             self.messages.append({"role": "assistant", "content": "".join(reply)})
-            reused = 0
-            while reused < min(len(cached), len(prompt) - 1) and cached[reused] == prompt[reused]:
-                reused += 1
+            reused = min(common_prefix(cached, prompt), len(prompt) - 1)
             self.last = TurnStats(
                 prompt_tokens=len(prompt),
                 cached=len(cached),

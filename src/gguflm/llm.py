@@ -96,7 +96,8 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return held
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens a and b share."""
     n = min(len(a), len(b))
     for i in range(n):
         if a[i] != b[i]:
@@ -675,7 +676,7 @@ class LLM:
 
     def _ingest(self, prompt: list[int]) -> torch.Tensor:
         """Bring the cache to `prompt`, decoding only what is not cached; the last token's logits."""
-        keep = min(_common_prefix(self._tokens, prompt), len(prompt) - 1)
+        keep = min(common_prefix(self._tokens, prompt), len(prompt) - 1)
         self._truncate(keep)
         self._decode(prompt[keep:-1], outputs=False)
         self._decode(prompt[-1:], outputs=True)

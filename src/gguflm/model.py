@@ -207,11 +207,11 @@ class Transformer:
             kv.v[i].index_copy_(0, cells, v)
             q = qk[:, : a.n_head].transpose(0, 1)  # (n_head, T, hd)
             cached_k, cached_v = kv.k[i, :n_kv], kv.v[i, :n_kv]  # (n_kv, n_head_kv, hd)
-            keys, values = cached_k.transpose(0, 1), cached_v.transpose(0, 1)  # (n_head_kv, n_kv, hd)
             if T >= PREFILL_ROWS:
                 q = q.to(self.attn_dtype_prefill)
-            if keys.dtype != q.dtype:
-                keys, values = keys.to(q.dtype), values.to(q.dtype)
+            if cached_k.dtype != q.dtype:
+                cached_k, cached_v = cached_k.to(q.dtype), cached_v.to(q.dtype)
+            keys, values = cached_k.transpose(0, 1), cached_v.transpose(0, 1)  # (n_head_kv, n_kv, hd)
             if groups is None:
                 attn = attend(q[None], keys[None], values[None], None if mask is None else mask[None])[0]
             else:
@@ -222,11 +222,16 @@ class Transformer:
                     # (B, n_head, R, hd) queries, (B, n_head_kv, C, hd) keys and values
                     q_g = q[:, g_rows].view(a.n_head, n_sets, n_rows, hd).transpose(0, 1)
                     # the same strides as the cache's own keys: the same arithmetic as alone
-                    k_g = keys.transpose(0, 1).index_select(0, g_cells).view(n_sets, n_cells, a.n_head_kv, hd)
-                    v_g = (
-                        values.transpose(0, 1).index_select(0, g_cells).view(n_sets, n_cells, a.n_head_kv, hd)
+                    k_g = (
+                        cached_k.index_select(0, g_cells)
+                        .view(n_sets, n_cells, a.n_head_kv, hd)
+                        .transpose(1, 2)
                     )
-                    k_g, v_g = k_g.transpose(1, 2), v_g.transpose(1, 2)
+                    v_g = (
+                        cached_v.index_select(0, g_cells)
+                        .view(n_sets, n_cells, a.n_head_kv, hd)
+                        .transpose(1, 2)
+                    )
                     out = attend(q_g, k_g, v_g, g.mask)  # (B, n_head, R, hd)
                     attn[:, g_rows] = out.transpose(0, 1).reshape(a.n_head, n_sets * n_rows, hd)
             attn = attn.transpose(0, 1).reshape(T, a.n_head * hd)
