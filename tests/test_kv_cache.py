@@ -7,7 +7,7 @@ import torch
 from gguflm.kv_cache import KVCache
 
 
-def shift_by_adding(k: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+def shift_by_adding(layer: int, k: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """A stand-in for RoPE that makes the shift visible: key (n, n_head_kv, head_dim) += delta (n,)."""
     return k + delta[:, None, None].to(k.dtype)
 

@@ -13,7 +13,8 @@ import torch
 
 from gguflm.batch import Batch
 from gguflm.kv_cache import KVCache
-from gguflm.model import Model, SequenceGroup
+from gguflm.model import Model
+from gguflm.models import SequenceGroup, UBatch
 
 log = logging.getLogger("gguflm")
 
@@ -41,6 +42,12 @@ def normalize(vec: torch.Tensor | np.ndarray | list[float], embd_normalize: int 
         total = float((np.abs(x64) ** embd_normalize).sum()) ** (1.0 / embd_normalize)
     scale = np.float32(1.0 / total) if total > 0.0 else np.float32(0.0)
     return x * scale
+
+
+def _is_causal(mask: np.ndarray) -> bool:
+    """A square lower-triangular mask: attention can skip it and mask causally (a fresh prefill)."""
+    n_rows, n_cols = mask.shape
+    return n_rows > 1 and n_rows == n_cols and np.array_equal(mask, np.tri(n_rows, dtype=bool))
 
 
 class Context:
@@ -211,6 +218,7 @@ class Context:
         """Decode micro-batches of at most n_ubatch tokens; returns (n_out, n_embd) hidden states."""
         transformer = self.model.transformer
         device = transformer.device
+        windows = self.model.args.windows
         outs: list[torch.Tensor] = []
         n = batch.n_tokens
         for start in range(0, n, self.n_ubatch):
@@ -218,38 +226,38 @@ class Context:
             self.kv.occupy(cells[sl], pos[sl], seq[sl])
             n_kv = self.kv.n_span()
             mask = self.kv.attention_mask(pos[sl], seq[sl], n_kv)
+            # a layer kind (global, or a sliding window) each: (T, n_kv) bool
+            masks = {w: self.kv.window_mask(mask, pos[sl], w) if w else mask for w in windows}
             if batch.tokens is not None:
                 x = transformer.embed(batch.tokens[sl])
             else:
                 assert batch.embd is not None
                 x = batch.embd[sl].to(device=device, dtype=torch.float32)
             out_rows = np.flatnonzero(output[sl])
-            groups = self._sequence_groups(seq[sl], mask, n_kv)
-            # a fresh prefill's mask is plain causal: let the kernel skip the masked blocks
-            n_rows = mask.shape[0]
-            causal = (
-                groups is None
-                and n_rows > 1
-                and n_kv == n_rows
-                and np.array_equal(mask, np.tri(n_rows, dtype=bool))
+            groups = self._sequence_groups(seq[sl], masks, n_kv)
+            ub = UBatch(
+                pos=torch.from_numpy(pos[sl]).to(device),
+                cells=torch.from_numpy(cells[sl]).to(device),
+                kv=self.kv,
+                n_kv=n_kv,
+                # a fresh prefill's mask is plain causal (None): the kernel skips the masked blocks
+                masks={
+                    w: None if _is_causal(m) else torch.from_numpy(m).to(device) for w, m in masks.items()
+                },
+                out_rows=torch.from_numpy(out_rows).to(device),
+                groups=groups,
+                from_tokens=batch.tokens is not None,
             )
-            h = transformer.forward(
-                x,
-                torch.from_numpy(pos[sl]).to(device),
-                torch.from_numpy(cells[sl]).to(device),
-                self.kv,
-                None if causal else torch.from_numpy(mask).to(device),
-                torch.from_numpy(out_rows).to(device),
-                groups,
-            )
-            outs.append(h)
+            outs.append(transformer.forward(x, ub))
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
-    def _sequence_groups(self, seq: np.ndarray, mask: np.ndarray, n_kv: int) -> list[SequenceGroup] | None:
-        """Each sequence set's rows, its cells in position order and its mask over them, sets of the same
-        shape stacked into one group: attention then sees what it sees when the set is decoded alone
-        from an empty cache. None when the micro-batch holds one set that owns cells 0..n_kv-1 in
-        position order already (the common case: one sequence)."""
+    def _sequence_groups(
+        self, seq: np.ndarray, masks: dict[int, np.ndarray], n_kv: int
+    ) -> list[SequenceGroup] | None:
+        """Each sequence set's rows, its cells in position order and its masks over them (one per layer
+        kind), sets of the same shape stacked into one group: attention then sees what it sees when
+        the set is decoded alone from an empty cache. None when the micro-batch holds one set that owns
+        cells 0..n_kv-1 in position order already (the common case: one sequence)."""
         if (seq == seq[0]).all():  # one set: np.unique would take 0.13 ms per decode to say so
             sets, which = seq[:1], np.zeros(len(seq), dtype=np.int64)
         else:
@@ -258,31 +266,33 @@ class Context:
         if len(sets) == 1 and (span_seq & sets[0]).any(axis=1).all() and (np.diff(span_pos) > 0).all():
             return None
         which = which.reshape(-1)
-        by_shape: dict[tuple[int, int, bool], list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+        by_shape: dict[tuple, list[tuple[np.ndarray, np.ndarray, dict[int, np.ndarray | None]]]] = {}
         for g, members in enumerate(sets):
             rows = np.flatnonzero(which == g)
             cells = np.flatnonzero((span_seq & members).any(axis=1) & (span_pos >= 0))
             cells = cells[np.argsort(span_pos[cells], kind="stable")]
-            sub = mask[np.ix_(rows, cells)]
-            causal = (
-                len(rows) > 1
-                and len(rows) == len(cells)
-                and np.array_equal(sub, np.tri(len(rows), dtype=bool))
-            )
-            by_shape.setdefault((len(rows), len(cells), causal), []).append((rows, cells, sub))
+            subs = {w: m[np.ix_(rows, cells)] for w, m in masks.items()}
+            sub_masks = {w: None if _is_causal(m) else m for w, m in subs.items()}
+            causal = tuple(m is None for m in sub_masks.values())
+            by_shape.setdefault((len(rows), len(cells), causal), []).append((rows, cells, sub_masks))
         device = self.model.transformer.device
 
         def stacked(parts: list[np.ndarray]) -> torch.Tensor:
             return torch.from_numpy(np.stack(parts)).to(device)
 
-        return [
-            SequenceGroup(
-                stacked([r for r, _, _ in members]),
-                stacked([c for _, c, _ in members]),
-                None if causal else stacked([m for _, _, m in members]),
+        groups = []
+        for members in by_shape.values():
+            first = members[0][2]
+            group_masks = {
+                w: None if first[w] is None else stacked([m[w] for _, _, m in members])  # type: ignore[misc]
+                for w in masks
+            }
+            groups.append(
+                SequenceGroup(
+                    stacked([r for r, _, _ in members]), stacked([c for _, c, _ in members]), group_masks
+                )
             )
-            for (_, _, causal), members in by_shape.items()
-        ]
+        return groups
 
     def _store_outputs(
         self, hidden: torch.Tensor, pos: np.ndarray, seq: np.ndarray, output: np.ndarray

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-# shift_keys(k (n_head_kv, n, head_dim), delta (n,)) -> rotated k: re-applies RoPE for a position change.
-KeyShifter = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# shift_keys(layer, k (n, n_head_kv, head_dim), delta (n,)) -> rotated k: re-applies the layer's RoPE
+# for a position change.
+KeyShifter = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -95,6 +96,12 @@ class KVCache:
         shared = (seq.astype(np.uint8) @ self.seq[:n_kv].T.astype(np.uint8)) > 0
         return shared & (self.pos[None, :n_kv] <= pos[:, None]) & (self.pos[None, :n_kv] >= 0)
 
+    def window_mask(self, mask: np.ndarray, pos: np.ndarray, window: int) -> np.ndarray:
+        """mask (n_tokens, n_kv) narrowed to a sliding window: token at p sees cells at p0 > p - window
+        (llama.cpp's is_masked_swa, LLAMA_SWA_TYPE_STANDARD)."""
+        n_kv = mask.shape[1]
+        return mask & (pos[:, None] - self.pos[None, :n_kv] < window)
+
     # ---- sequence operations (llama.cpp's llama_memory_seq_*) ---------------------------------
 
     def _select(self, seq_id: int, p0: int, p1: int) -> np.ndarray:
@@ -165,7 +172,7 @@ class KVCache:
         delta = torch.from_numpy(new_pos - self.pos[cells]).to(self.k.device)
         idx = torch.from_numpy(cells).to(self.k.device)
         for layer in range(self.k.shape[0]):
-            rotated = self._shift_keys(self.k[layer, idx], delta)  # (n, n_head_kv, head_dim)
+            rotated = self._shift_keys(layer, self.k[layer, idx], delta)  # (n, n_head_kv, head_dim)
             self.k[layer, idx] = rotated.to(self.k.dtype)
         self.pos[cells] = new_pos
         gone = cells[new_pos < 0]  # llama.cpp frees cells shifted below position 0

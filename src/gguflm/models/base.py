@@ -1,0 +1,417 @@
+"""The blocks every family is built from: strict tensor loading, fused linears, rope'd multi-sequence
+attention over the KV cache, and the forward loop with named observation points.
+
+A family module (llama.py, gemma3.py, ...) subclasses `Transformer`, declares its layer dataclass,
+loads a layer in `load_layer` and writes its block in `block`, like llama.cpp's `src/models/*.cpp`
+over `llm_graph_context`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from gguflm.config import ModelArgs
+from gguflm.gguf_file import GGUFError, GGUFFile, TensorInfo
+from gguflm.kv_cache import KVCache
+from gguflm.models.rope import Rope, neox_head_order, neox_to_pairs, rope_frequencies
+from gguflm.quants import QT, QuantizedLinear, dequantize
+
+PREFILL_ROWS = 64  # micro-batches of at least this many rows count as prefill
+
+# observer(name, layer, tensor): sees a named intermediate (llama.cpp's cb(cur, "attn_norm", il));
+# layer is -1 for tensors outside the layers. Observers must not change the tensor in place.
+Observer = Callable[[str, int, torch.Tensor], None]
+
+
+# ---- loading ------------------------------------------------------------------------------------
+
+
+class Linear:
+    """y = x W^T (+ b) for W stacked from parts along the output dim (fused q/k/v, gate/up).
+
+    Parts stored in one format share one packed matrix and one kernel call; a part in another format
+    (K-quant mixes: attn_v Q8_0 beside attn_q Q5_0) gets its own, and the outputs are concatenated.
+    """
+
+    def __init__(self, runs: list[QuantizedLinear]) -> None:
+        self.runs = runs
+        self.out_features = sum(r.out_features for r in runs)
+        self.in_features = runs[0].in_features
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, in) float -> (T, out): the kernel's dtype for one run, float32 for several."""
+        if len(self.runs) == 1:
+            run = self.runs[0]
+            return run.mm(x.to(run.act_dtype))
+        return torch.cat([r.mm(x.to(r.act_dtype)).float() for r in self.runs], dim=-1)
+
+    def __repr__(self) -> str:
+        return " + ".join(f"{r.qtype.name}({r.out_features}x{r.in_features})" for r in self.runs)
+
+
+class Weights:
+    """A GGUF file's tensors as a family reads them: shapes checked, every tensor read exactly once.
+
+    `finish()` refuses a file holding tensors the family does not read (llama.cpp: "wrong number of
+    tensors"), so a file of another layout is never run half-understood.
+    """
+
+    def __init__(self, file: GGUFFile, args: ModelArgs, mode: str, device: torch.device) -> None:
+        self.file = file
+        self.args = args
+        self.mode = mode
+        self.device = device
+        self.read: set[str] = set()
+
+    def has(self, name: str) -> bool:
+        return name in self.file.tensors
+
+    def tensor(self, name: str, shape: tuple[int, ...]) -> TensorInfo:
+        info = self.file.tensors.get(name)
+        if info is None:
+            raise GGUFError(f"{self.file.path}: missing tensor {name!r} ({self.args.arch} needs it)")
+        if info.shape != shape:
+            raise GGUFError(f"{self.file.path}: tensor {name!r} has shape {info.shape}, expected {shape}")
+        self.read.add(name)
+        return info
+
+    def vector(self, name: str, n: int) -> torch.Tensor:
+        """(n,) float32: norms, biases, rope factors."""
+        info = self.tensor(name, (n,))
+        return dequantize(info.data, info.qtype, info.shape).to(self.device)
+
+    def linear(
+        self,
+        parts: Sequence[tuple[str, int]],
+        n_in: int,
+        *,
+        bias: bool | None = False,
+        row_order: Sequence[torch.Tensor | None] = (),
+    ) -> Linear:
+        """W from the parts `(name, n_out)` (names without ".weight"), stacked along the output dim.
+
+        bias: True required, None optional, False none. row_order[i] permutes part i's rows (NEOX rope).
+        """
+        infos = [self.tensor(f"{name}.weight", (n_out, n_in)) for name, n_out in parts]
+        has_bias = bias is True or (bias is None and self.has(f"{parts[0][0]}.bias"))
+        runs: list[QuantizedLinear] = []
+        run: list[tuple[torch.Tensor, QT, tuple[int, ...]]] = []
+        run_bias: list[torch.Tensor] = []
+
+        def close_run() -> None:
+            b = torch.cat(run_bias) if has_bias else None
+            runs.append(QuantizedLinear.concat(run, mode=self.mode, bias=b, device=self.device))
+            run.clear()
+            run_bias.clear()
+
+        for j, ((name, n_out), info) in enumerate(zip(parts, infos, strict=True)):
+            data = info.data
+            b = self.vector(f"{name}.bias", n_out) if has_bias else None
+            order = row_order[j] if j < len(row_order) else None
+            if order is not None:
+                data = data.view(n_out, -1)[order].reshape(-1)
+                b = b[order] if b is not None else None
+            if run and run[0][1] != info.qtype:
+                close_run()
+            run.append((data, info.qtype, info.shape))
+            if b is not None:
+                run_bias.append(b)
+        close_run()
+        return Linear(runs)
+
+    def matrix(self, name: str, n_out: int, n_in: int) -> QuantizedLinear:
+        """One unfused matrix kept as QuantizedLinear: embeddings (rows()) and the output head."""
+        info = self.tensor(f"{name}.weight", (n_out, n_in))
+        return QuantizedLinear(info.data, info.qtype, (n_out, n_in), mode=self.mode, device=self.device)
+
+    def finish(self) -> None:
+        unread = sorted(set(self.file.tensors) - self.read)
+        if unread:
+            shown = ", ".join(unread[:5]) + (" ..." if len(unread) > 5 else "")
+            raise GGUFError(
+                f"{self.file.path}: {len(unread)} tensor(s) that a {self.args.arch} model does not have: "
+                f"{shown} (wrong number of tensors: the file is not the layout its architecture says)"
+            )
+
+
+# ---- one micro-batch ----------------------------------------------------------------------------
+
+
+class SequenceGroup(NamedTuple):
+    """Sequence sets of a micro-batch attended alone (Context._sequence_groups): B sets with R rows and
+    C cells each, stacked."""
+
+    rows: torch.Tensor  # (B, R) rows of the micro-batch
+    cells: torch.Tensor  # (B, C) KV cells each set's rows may see, in position order
+    masks: dict[int, torch.Tensor | None]  # by window: (B, R, C) bool, True = may attend; None: causal
+
+
+@dataclass
+class UBatch:
+    """What one forward pass needs besides the input vectors: where the tokens are and what they see."""
+
+    pos: torch.Tensor  # (T,) positions
+    cells: torch.Tensor  # (T,) KV cells the tokens are written to
+    kv: KVCache
+    n_kv: int  # cells [0, n_kv) hold everything attention may read
+    masks: dict[int, torch.Tensor | None]  # by window (0: global): (T, n_kv) bool, or None: causal
+    out_rows: torch.Tensor  # (n_out,) rows of the micro-batch whose output is wanted
+    groups: list[SequenceGroup] | None = None  # several sequence sets, each attended alone
+    from_tokens: bool = True  # the input rows are token embeddings (not vectors given by the caller)
+    _rotations: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def rotation(self, rope: Rope) -> torch.Tensor:
+        """(T, 1, rope_dim/2): computed once per rope per micro-batch."""
+        r = self._rotations.get(id(rope))
+        if r is None:
+            r = self._rotations[id(rope)] = rope.rotation(self.pos)
+        return r
+
+
+# ---- attention ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Attention:
+    """One layer's attention weights and settings."""
+
+    qkv: Linear  # n_embd -> (n_head + 2 n_head_kv) head_dim, q/k rows in rope pair order
+    wo: Linear  # n_head head_dim -> n_embd
+    rope: Rope
+    window: int = 0  # 0: global; else the layer sees the last `window` positions
+    q_norm: torch.Tensor | None = None  # (head_dim,) RMSNorm of each query head (Qwen 3, Gemma 3)
+    k_norm: torch.Tensor | None = None  # (head_dim,)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    softcap: float = 0.0,
+) -> torch.Tensor:
+    """q (B, n_head, R, hd), k and v (B, n_head_kv, C, hd), mask (B, R, C) or None (causal)
+    -> (B, n_head, R, hd). Each of the B problems gets the arithmetic it gets alone (B = 1).
+    softcap (Gemma 2): scores -> softcap tanh(scores / softcap) before the mask and softmax."""
+    if not softcap:
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=None if mask is None else mask[:, None],
+            is_causal=mask is None,
+            scale=scale,
+            enable_gqa=True,
+        )
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, n_head, C, hd)
+    scores = (q @ k.transpose(-1, -2)) * scale  # (B, n_head, R, C)
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is None:
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()[None]
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+# ---- the forward loop ---------------------------------------------------------------------------
+
+
+class Transformer:
+    """Token embeddings -> the family's blocks -> final norm -> output head, over one micro-batch.
+
+    Subclasses set `rope_neox` and implement `load_layer` and `block`; what differs in the input
+    (Gemma's embedding scale) or the logits (soft-capping) is a field, not a fork.
+    """
+
+    rope_neox: ClassVar[bool] = False  # NEOX rope (halves): q/k rows are permuted into pairs at load
+    embd_scale: ClassVar[bool] = False  # token embeddings times sqrt(n_embd) (Gemma)
+    qkv_bias: ClassVar[bool | None] = None  # q/k/v biases: True required, None optional, False none
+    qk_norm: ClassVar[bool] = False  # attn_q_norm and attn_k_norm: an RMSNorm per head (Qwen 3, Gemma 3)
+
+    def __init__(self, args: ModelArgs, w: Weights) -> None:
+        self.args = args
+        self.device = w.device
+        # fast mode runs prefill attention in bf16: 3x faster at 512 tokens than fp32 (AMX)
+        self.attn_dtype_prefill = torch.bfloat16 if w.mode == "fast" else torch.float32
+        self.observers: list[Observer] = []
+        a = args
+        self.tok_embd = w.matrix("token_embd", a.n_vocab, a.n_embd)
+        self.rope_global = self.make_rope(w, a.rope_freq_base, a.rope_freq_scale)
+        self.rope_local = self.rope_global  # sliding-window layers may have their own (Gemma 3)
+        if a.n_swa and (a.rope_freq_base_swa, a.rope_freq_scale_swa) != (a.rope_freq_base, a.rope_freq_scale):
+            self.rope_local = self.make_rope(w, a.rope_freq_base_swa, a.rope_freq_scale_swa)
+        self.layers: list[Any] = []
+        for i in range(a.n_layer):
+            w.file.release_pages()  # packing reads every page; keep the peak resident memory down
+            self.layers.append(self.load_layer(w, i))
+        self.output_norm = w.vector("output_norm.weight", a.n_embd)
+        self.output = self.tok_embd if a.tied_output else w.matrix("output", a.n_vocab, a.n_embd)
+        w.finish()
+
+    # -- what a family provides --
+
+    @classmethod
+    def configure(cls, args: ModelArgs, file: GGUFFile) -> ModelArgs:
+        """Hyper-parameters llama.cpp sets per architecture rather than reading them from the file."""
+        return args
+
+    def load_layer(self, w: Weights, i: int) -> Any:
+        raise NotImplementedError
+
+    def block(self, layer: Any, il: int, x: torch.Tensor, ub: UBatch) -> torch.Tensor:
+        """(T, n_embd) -> (T', n_embd); T' = len(ub.out_rows) after the last layer (keep_outputs)."""
+        raise NotImplementedError
+
+    # -- shared pieces a family's load_layer and block use --
+
+    def make_rope(self, w: Weights, base: float, freq_scale: float) -> Rope:
+        """A rope of this model (llama.cpp: freq factors from rope_freqs or LongRoPE's short factors)."""
+        a = self.args
+        factors = None
+        for name in ("rope_freqs.weight", "rope_factors_short.weight"):
+            if w.has(name):
+                factors = w.vector(name, a.rope_dim // 2)
+        if w.has("rope_factors_long.weight"):
+            w.vector("rope_factors_long.weight", a.rope_dim // 2)  # for n_ctx > n_ctx_orig: not used yet
+        theta, mscale = rope_frequencies(a, base, freq_scale, factors)
+        return Rope(theta, mscale, a.rope_dim, self.device)
+
+    def attention_weights(self, w: Weights, i: int, *, fused: bool = False) -> Attention:
+        """blk.i's attention: attn_q/k/v (or fused attn_qkv), attn_output, optional q/k norms and biases."""
+        a = self.args
+        p, hd = f"blk.{i}", a.head_dim
+        n_q, n_kv = a.n_embd_head_q, a.n_embd_kv
+        q_order = k_order = None
+        if self.rope_neox:
+            q_order = neox_to_pairs(a.n_head, hd, a.rope_dim)
+            k_order = neox_to_pairs(a.n_head_kv, hd, a.rope_dim)
+        if fused:
+            order = None
+            if q_order is not None and k_order is not None:
+                order = torch.cat((q_order, k_order + n_q, torch.arange(n_q + n_kv, n_q + 2 * n_kv)))
+            qkv = w.linear(
+                [(f"{p}.attn_qkv", n_q + 2 * n_kv)], a.n_embd, bias=self.qkv_bias, row_order=[order]
+            )
+        else:
+            qkv = w.linear(
+                [(f"{p}.attn_q", n_q), (f"{p}.attn_k", n_kv), (f"{p}.attn_v", n_kv)],
+                a.n_embd,
+                bias=self.qkv_bias,
+                row_order=[q_order, k_order],
+            )
+        q_norm = k_norm = None
+        if self.qk_norm:
+            q_norm = w.vector(f"{p}.attn_q_norm.weight", hd)
+            k_norm = w.vector(f"{p}.attn_k_norm.weight", hd)
+        if self.rope_neox and q_norm is not None and k_norm is not None:
+            within = neox_head_order(hd, a.rope_dim)
+            q_norm, k_norm = q_norm[within], k_norm[within]
+        return Attention(
+            qkv=qkv,
+            wo=w.linear([(f"{p}.attn_output", a.n_embd)], n_q),
+            rope=self.rope_local if a.window(i) else self.rope_global,
+            window=a.window(i),
+            q_norm=q_norm,
+            k_norm=k_norm,
+        )
+
+    def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """RMSNorm over the last dim."""
+        return F.rms_norm(x, (x.shape[-1],), weight, self.args.norm_eps)
+
+    def observe(self, name: str, il: int, x: torch.Tensor) -> torch.Tensor:
+        """A named point in the forward: observers see x; returns x unchanged."""
+        for observer in self.observers:
+            observer(name, il, x)
+        return x
+
+    def keep_outputs(self, il: int, ub: UBatch, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """After the last layer's attention only the requested rows go on (llama.cpp's inp_out_ids)."""
+        if il != self.args.n_layer - 1:
+            return tensors
+        return tuple(t[ub.out_rows] for t in tensors)
+
+    def attention(self, at: Attention, h: torch.Tensor, il: int, ub: UBatch) -> torch.Tensor:
+        """h (T, n_embd) normed -> (T, n_head head_dim): q/k/v, q/k norms, rope, KV cache write, attention
+        over the cells each row may see (before the output projection)."""
+        a = self.args
+        T, hd = h.shape[0], a.head_dim
+        n_head, n_head_kv = a.n_head, a.n_head_kv
+        qkv = at.qkv(h).float()  # (T, (n_head + 2 n_head_kv) hd)
+        qk = qkv[:, : (n_head + n_head_kv) * hd].view(T, n_head + n_head_kv, hd)
+        v = qkv[:, (n_head + n_head_kv) * hd :].view(T, n_head_kv, hd)  # (T, n_head_kv, hd)
+        if at.q_norm is not None and at.k_norm is not None:
+            qk = torch.cat(
+                (self.norm(qk[:, :n_head], at.q_norm), self.norm(qk[:, n_head:], at.k_norm)), dim=1
+            )
+        qk = at.rope(qk, ub.rotation(at.rope))  # (T, n_head + n_head_kv, hd)
+        k_new = qk[:, n_head:]  # (T, n_head_kv, hd)
+        kv = ub.kv
+        if kv.k.dtype != torch.float32:
+            k_new, v = k_new.to(kv.k.dtype), v.to(kv.k.dtype)
+        kv.k[il].index_copy_(0, ub.cells, k_new)
+        kv.v[il].index_copy_(0, ub.cells, v)
+        q = qk[:, :n_head].transpose(0, 1)  # (n_head, T, hd)
+        cached_k, cached_v = kv.k[il, : ub.n_kv], kv.v[il, : ub.n_kv]  # (n_kv, n_head_kv, hd)
+        if T >= PREFILL_ROWS:
+            q = q.to(self.attn_dtype_prefill)
+        if cached_k.dtype != q.dtype:
+            cached_k, cached_v = cached_k.to(q.dtype), cached_v.to(q.dtype)
+        scale, softcap = a.attn_scale, a.attn_softcap
+        if ub.groups is None:
+            mask = ub.masks[at.window]
+            keys, values = cached_k.transpose(0, 1), cached_v.transpose(0, 1)  # (n_head_kv, n_kv, hd)
+            out = attend(
+                q[None], keys[None], values[None], None if mask is None else mask[None], scale, softcap
+            )
+            return out[0].transpose(0, 1).reshape(T, n_head * hd)
+        out = torch.empty_like(q)  # (n_head, T, hd)
+        for g in ub.groups:
+            (n_sets, n_rows), n_cells = g.rows.shape, g.cells.shape[1]
+            g_rows, g_cells = g.rows.flatten(), g.cells.flatten()
+            # (B, n_head, R, hd) queries, (B, n_head_kv, C, hd) keys and values
+            q_g = q[:, g_rows].view(n_head, n_sets, n_rows, hd).transpose(0, 1)
+            # the same strides as the cache's own keys: the same arithmetic as alone
+            k_g = cached_k.index_select(0, g_cells).view(n_sets, n_cells, n_head_kv, hd).transpose(1, 2)
+            v_g = cached_v.index_select(0, g_cells).view(n_sets, n_cells, n_head_kv, hd).transpose(1, 2)
+            o = attend(q_g, k_g, v_g, g.masks[at.window], scale, softcap)  # (B, n_head, R, hd)
+            out[:, g_rows] = o.transpose(0, 1).reshape(n_head, n_sets * n_rows, hd)
+        return out.transpose(0, 1).reshape(T, n_head * hd)
+
+    # -- the engine's entry points --
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(n,) token ids -> (n, n_embd) float32 rows of the embedding matrix (llama.cpp's get_rows)."""
+        return self.tok_embd.rows(tokens.to(self.device))
+
+    def shift_keys(self, layer: int, k: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Cached keys k (n, n_head_kv, head_dim) of a layer re-rotated by a position change delta (n,)."""
+        rope = self.layers[layer].attn.rope
+        return rope(k.float(), rope.rotation(delta, shift=True))
+
+    def forward(self, x: torch.Tensor, ub: UBatch) -> torch.Tensor:
+        """x (T, n_embd) input vectors -> (n_out, n_embd): final-normed hidden states of ub.out_rows.
+
+        With `ub.groups` (several sequence sets), attention runs for each set alone over its own cells
+        in position order, the very call it gets when decoded alone (the kernel's sums depend on where
+        keys sit and on how many there are, masked or not), so a sequence samples the same tokens
+        whatever shares its batch.
+        """
+        if self.embd_scale and ub.from_tokens:  # llama.cpp scales token rows only, not given vectors
+            x = x * self.args.n_embd**0.5
+        x = self.observe("inp_embd", -1, x)
+        for il, layer in enumerate(self.layers):
+            x = self.observe("l_out", il, self.block(layer, il, x, ub))
+        return self.observe("result_norm", -1, self.norm(x, self.output_norm))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(n, n_embd) normed hidden states -> (n, n_vocab) float32 logits."""
+        logits = self.output(h)
+        cap = self.args.final_softcap
+        return torch.tanh(logits / cap) * cap if cap else logits
