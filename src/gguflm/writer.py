@@ -2,15 +2,18 @@
 
 Built on `gguf.GGUFWriter`; this module adds the value typing llama.cpp expects (its loader checks
 the stored type of each key, so an `int` must land as UINT32, not gguf-py's default INT32), numpy
-quantization of tensors, and `make_tiny_model`: a complete llama/qwen2 file with a real byte-level
+quantization of tensors, and `make_tiny_model`: a complete random llama, qwen2, qwen3, gemma2,
+gemma3 or phi3 file, laid out as llama.cpp's converter writes that family, with a real byte-level
 BPE tokenizer that both this project and Hugging Face transformers can load.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
@@ -304,39 +307,151 @@ def _file_type(qtype: GGMLQuantizationType) -> int:
     return int(member) if member is not None else int(gguf.LlamaFileType.GUESSED)
 
 
+TinyArch = Literal["llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"]
+
+
+@dataclass(frozen=True)
+class _Family:
+    """How one architecture's tiny model differs from the llama block, in llama.cpp's terms.
+
+    The tensor flags name what llama.cpp's converter writes for the family; the rest are the
+    defaults `make_tiny_model` uses when its caller does not say (hyperparameters and the extra
+    `{arch}.*` metadata keys the family's loader in llama.cpp reads).
+    """
+
+    qkv_bias: bool = False  # attn_q/k/v.bias (qwen2)
+    qk_norm: bool = False  # attn_q_norm/attn_k_norm, head_dim each, applied per head before RoPE
+    post_norms: bool = False  # post_attention_norm and post_ffw_norm around the two sublayers (gemma)
+    fused: bool = False  # attn_qkv = [q; k; v] rows, ffn_up = [gate; up] rows, no ffn_gate (phi3)
+    has_output: bool = True  # False: llama.cpp always ties output to token_embd (gemma2)
+    tied_output: bool = True
+    n_layer: int = 2
+    head_dim: int | None = None  # None: n_embd // n_head
+    key_length: bool = False  # write {arch}.attention.key_length / value_length even when implied
+    rope_freq_base: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    sliding_window: int | None = None  # written as {arch}.attention.sliding_window
+    extra: tuple[tuple[str, Any], ...] = ()  # further {arch}.* keys
+    tokenizer: tuple[str, int, int] = ("smollm", 1, 2)  # tokenizer.ggml.pre, BOS id, EOS id
+
+
+_FAMILIES: dict[str, _Family] = {
+    # SmolLM2's tokenizer layout: BOS <|im_start|>, EOS <|im_end|>
+    "llama": _Family(),
+    # Qwen2's: BOS <|endoftext|>, EOS <|im_end|>
+    "qwen2": _Family(qkv_bias=True, tokenizer=("qwen2", 0, 2)),
+    "qwen3": _Family(qk_norm=True, key_length=True, tokenizer=("qwen2", 0, 2)),
+    # Gemma 2: even layers local (llama.cpp's swa pattern 2), both logit softcaps. Its real models
+    # have head_dim 256 != n_embd / n_head; the tiny one differs too (4 x 32 = 128 != 64).
+    "gemma2": _Family(
+        post_norms=True,
+        has_output=False,
+        head_dim=32,
+        key_length=True,
+        rms_norm_eps=1e-6,
+        sliding_window=8,
+        extra=(("attn_logit_softcapping", 50.0), ("final_logit_softcapping", 30.0)),
+    ),
+    # Gemma 3: layers 0-4 of each 6 local with RoPE base 10000, the 6th global with rope.freq_base.
+    "gemma3": _Family(
+        qk_norm=True,
+        post_norms=True,
+        n_layer=6,
+        head_dim=32,
+        key_length=True,
+        rope_freq_base=1e6,
+        rms_norm_eps=1e-6,
+        sliding_window=8,
+    ),
+    "phi3": _Family(fused=True, tied_output=False),
+}
+
+
+def _pattern_matches(pattern: str, name: str) -> bool:
+    """Whether a `tensor_types` pattern names tensor `name`.
+
+    A pattern is an fnmatch glob matched against the name without `.weight`/`.bias` and against its
+    per-layer part: "attn_v" matches every `blk.N.attn_v.weight`, "blk.0.attn_v" only layer 0's,
+    "blk.[02].ffn_*" the FFN matrices of layers 0 and 2, "token_embd" the embedding.
+    """
+    stem = name.rsplit(".", 1)[0]
+    leaf = stem.split(".", 2)[2] if stem.startswith("blk.") else stem
+    return fnmatch.fnmatchcase(stem, pattern) or fnmatch.fnmatchcase(leaf, pattern)
+
+
 def make_tiny_model(
     path: str | os.PathLike[str],
-    arch: Literal["llama", "qwen2"] = "llama",
+    arch: TinyArch = "llama",
     *,
     n_vocab: int = 384,
     n_embd: int = 64,
-    n_layer: int = 2,
+    n_layer: int | None = None,
     n_head: int = 4,
     n_head_kv: int = 2,
     n_ff: int = 128,
-    tied_output: bool = True,
+    head_dim: int | None = None,
+    tied_output: bool | None = None,
     weight_type: GGMLQuantizationType = GGMLQuantizationType.F32,
     embedding_type: GGMLQuantizationType | None = None,
+    tensor_types: dict[str, GGMLQuantizationType] | None = None,
     seed: int = 0,
-    rope_freq_base: float = 10000.0,
+    rope_freq_base: float | None = None,
     context_length: int = 256,
-    rms_norm_eps: float = 1e-5,
+    rms_norm_eps: float | None = None,
+    sliding_window: int | None = None,
+    extra_metadata: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a random llama or qwen2 model as llama.cpp would lay it out, and return its path.
+    """Write a random model of `arch` laid out as llama.cpp's converter would, and return its path.
+
+    Families (tensor names per layer `blk.N.`, as llama.cpp's convert_hf_to_gguf.py writes them):
+    - llama: attn_norm, attn_q/k/v, attn_output, ffn_norm, ffn_gate/up/down; normal (GPT-J) RoPE.
+    - qwen2: llama + attn_q/k/v.bias; NEOX RoPE.
+    - qwen3: llama + attn_q_norm/attn_k_norm (head_dim each); NEOX RoPE; key/value_length written.
+    - gemma2: llama + post_attention_norm, post_ffw_norm; GELU gate; always tied (no `output`);
+      head_dim 32 by default (so n_head * head_dim != n_embd); sliding_window 8 (even layers local);
+      attn_logit_softcapping 50, final_logit_softcapping 30.
+    - gemma3: gemma2's block + attn_q_norm/attn_k_norm, no softcaps; 6 layers by default (0-4 local
+      with RoPE base 10000, 5 global with rope.freq_base, default 1e6); sliding_window 8.
+    - phi3: attn_qkv (rows q, k, v) and ffn_up holding gate then up (2 * n_ff rows), no ffn_gate;
+      untied `output` by default; NEOX RoPE.
+    Arguments left as None take the family's default (above; otherwise n_layer 2, head_dim
+    n_embd / n_head, rope_freq_base 1e4, rms_norm_eps 1e-5, tied for all but phi3).
+
+    Gemma norms hold llama.cpp's value, 1 + w (its converter adds the 1 that Gemma's RMSNorm adds at
+    run time), so every stored norm is ~1 in every family: the scale applied is what is stored.
 
     2D matrices are stored as `weight_type` (token_embd/output as `embedding_type`, default the same);
-    norms and qwen2's q/k/v biases stay F32, as in llama.cpp's quantizer. Weights are normal with
-    std 1/sqrt(fan_in) (0.5/sqrt for v/o/down) so that attention scores and activations are O(1)
-    and logits are spread enough (std ~2) for argmax comparisons not to hinge on near ties.
-    Weights are random, so q/k need no RoPE permutation: HF un-permutes llama's q/k, which is exact
-    for any weights, and qwen2 (NEOX RoPE) is not permuted at all.
+    norms and qwen2's q/k/v biases stay F32, as in llama.cpp's quantizer. `tensor_types` overrides
+    the type of matrices by name pattern (see `_pattern_matches`; the last match wins), e.g.
+    {"attn_q": Q5_0, "attn_v": Q8_0} for a K-quant-mix-like file. Weights are normal with std
+    1/sqrt(fan_in) (0.5/sqrt for v/o/down) so that attention scores and activations are O(1) and
+    logits are spread enough (std ~2) for argmax comparisons not to hinge on near ties. Weights are
+    random, so q/k need no RoPE permutation: HF un-permutes llama's q/k, which is exact for any
+    weights, and the NEOX families are not permuted at all.
+    `extra_metadata` is written last, over the defaults (e.g. {"gemma2.final_logit_softcapping": 5.0}).
     """
-    if arch not in ("llama", "qwen2"):
-        raise ValueError(f"arch must be 'llama' or 'qwen2', not {arch!r}")
-    if n_embd % n_head or n_head % n_head_kv:
-        raise ValueError(f"n_embd {n_embd} / n_head {n_head} / n_head_kv {n_head_kv} do not divide")
+    if arch not in _FAMILIES:
+        raise ValueError(f"arch must be one of {sorted(_FAMILIES)}, not {arch!r}")
+    fam = _FAMILIES[arch]
+    n_layer = fam.n_layer if n_layer is None else n_layer
+    tied_output = fam.tied_output if tied_output is None else tied_output
+    rope_freq_base = fam.rope_freq_base if rope_freq_base is None else rope_freq_base
+    rms_norm_eps = fam.rms_norm_eps if rms_norm_eps is None else rms_norm_eps
+    sliding_window = fam.sliding_window if sliding_window is None else sliding_window
+    if head_dim is None:
+        head_dim = fam.head_dim if fam.head_dim is not None else n_embd // n_head
+        if fam.head_dim is None and n_embd % n_head:
+            raise ValueError(f"n_embd {n_embd} is not a multiple of n_head {n_head}; pass head_dim")
+    if n_head % n_head_kv:
+        raise ValueError(f"n_head {n_head} is not a multiple of n_head_kv {n_head_kv}")
+    if fam.fused and head_dim * n_head != n_embd:  # llama.cpp's phi3 splits attn_qkv at n_embd
+        raise ValueError(f"{arch} needs n_head * head_dim == n_embd, got {n_head} * {head_dim} != {n_embd}")
+    if not tied_output and not fam.has_output:
+        raise ValueError(f"{arch} has no output tensor in llama.cpp: it always ties it to token_embd")
     embedding_type = weight_type if embedding_type is None else embedding_type
-    head_dim = n_embd // n_head
+    overrides = dict(tensor_types or {})
+    unused = set(overrides)
+    n_q, n_kv = n_head * head_dim, n_head_kv * head_dim
     rng = np.random.default_rng(seed)
 
     def matrix(n_out: int, n_in: int, gain: float = 1.0) -> np.ndarray:
@@ -346,28 +461,57 @@ def make_tiny_model(
         return (mean + std * rng.standard_normal(n)).astype(np.float32)
 
     f32 = GGMLQuantizationType.F32
-    tensors: dict[str, tuple[np.ndarray, GGMLQuantizationType]] = {
-        # Embedding rows with std 3/sqrt(n_embd): when tied, the logits get std ~3.
-        "token_embd.weight": (matrix(n_vocab, n_embd, 3.0), embedding_type),
-    }
+    tensors: dict[str, tuple[np.ndarray, GGMLQuantizationType]] = {}
+
+    def add(name: str, array: np.ndarray, qtype: GGMLQuantizationType) -> None:
+        # overrides are for matrices (the last matching pattern wins): norms and biases stay F32,
+        # as llama.cpp's quantizer keeps them
+        for pattern, override in overrides.items():
+            if array.ndim == 2 and _pattern_matches(pattern, name):
+                qtype = override
+                unused.discard(pattern)
+        tensors[name] = (array, qtype)
+
+    # Embedding rows with std 3/sqrt(n_embd): when tied, the logits get std ~3.
+    add("token_embd.weight", matrix(n_vocab, n_embd, 3.0), embedding_type)
+    # Per layer, in the order llama.cpp's converter writes them (the RNG draws follow it too).
     for i in range(n_layer):
         blk = f"blk.{i}"
-        tensors[f"{blk}.attn_norm.weight"] = (vector(n_embd, 1.0, 0.1), f32)
-        tensors[f"{blk}.attn_q.weight"] = (matrix(n_embd, n_embd), weight_type)
-        tensors[f"{blk}.attn_k.weight"] = (matrix(n_head_kv * head_dim, n_embd), weight_type)
-        tensors[f"{blk}.attn_v.weight"] = (matrix(n_head_kv * head_dim, n_embd, 0.5), weight_type)
-        if arch == "qwen2":
-            tensors[f"{blk}.attn_q.bias"] = (vector(n_embd, 0.0, 0.1), f32)
-            tensors[f"{blk}.attn_k.bias"] = (vector(n_head_kv * head_dim, 0.0, 0.1), f32)
-            tensors[f"{blk}.attn_v.bias"] = (vector(n_head_kv * head_dim, 0.0, 0.1), f32)
-        tensors[f"{blk}.attn_output.weight"] = (matrix(n_embd, n_embd, 0.5), weight_type)
-        tensors[f"{blk}.ffn_norm.weight"] = (vector(n_embd, 1.0, 0.1), f32)
-        tensors[f"{blk}.ffn_gate.weight"] = (matrix(n_ff, n_embd), weight_type)
-        tensors[f"{blk}.ffn_up.weight"] = (matrix(n_ff, n_embd), weight_type)
-        tensors[f"{blk}.ffn_down.weight"] = (matrix(n_embd, n_ff, 0.5), weight_type)
-    tensors["output_norm.weight"] = (vector(n_embd, 1.0, 0.1), f32)
+        add(f"{blk}.attn_norm.weight", vector(n_embd, 1.0, 0.1), f32)
+        q, k, v = matrix(n_q, n_embd), matrix(n_kv, n_embd), matrix(n_kv, n_embd, 0.5)
+        if fam.fused:
+            add(f"{blk}.attn_qkv.weight", np.concatenate([q, k, v]), weight_type)
+        else:
+            add(f"{blk}.attn_q.weight", q, weight_type)
+            add(f"{blk}.attn_k.weight", k, weight_type)
+            add(f"{blk}.attn_v.weight", v, weight_type)
+        if fam.qkv_bias:
+            add(f"{blk}.attn_q.bias", vector(n_q, 0.0, 0.1), f32)
+            add(f"{blk}.attn_k.bias", vector(n_kv, 0.0, 0.1), f32)
+            add(f"{blk}.attn_v.bias", vector(n_kv, 0.0, 0.1), f32)
+        if fam.qk_norm:
+            add(f"{blk}.attn_q_norm.weight", vector(head_dim, 1.0, 0.1), f32)
+            add(f"{blk}.attn_k_norm.weight", vector(head_dim, 1.0, 0.1), f32)
+        add(f"{blk}.attn_output.weight", matrix(n_embd, n_q, 0.5), weight_type)
+        if fam.post_norms:
+            add(f"{blk}.post_attention_norm.weight", vector(n_embd, 1.0, 0.1), f32)
+        add(f"{blk}.ffn_norm.weight", vector(n_embd, 1.0, 0.1), f32)
+        gate, up = matrix(n_ff, n_embd), matrix(n_ff, n_embd)
+        if fam.fused:  # llama.cpp's SwiGLU on a fused ffn_up: silu(first half) * second half
+            add(f"{blk}.ffn_up.weight", np.concatenate([gate, up]), weight_type)
+        else:
+            add(f"{blk}.ffn_gate.weight", gate, weight_type)
+            add(f"{blk}.ffn_up.weight", up, weight_type)
+        add(f"{blk}.ffn_down.weight", matrix(n_embd, n_ff, 0.5), weight_type)
+        if fam.post_norms:
+            add(f"{blk}.post_ffw_norm.weight", vector(n_embd, 1.0, 0.1), f32)
+    add("output_norm.weight", vector(n_embd, 1.0, 0.1), f32)
     if not tied_output:
-        tensors["output.weight"] = (matrix(n_vocab, n_embd, 3.0), embedding_type)
+        add("output.weight", matrix(n_vocab, n_embd, 3.0), embedding_type)
+    if unused:
+        raise ValueError(
+            f"tensor_types patterns {sorted(unused)} match no weight matrix of this {arch} model"
+        )
 
     metadata: dict[str, Any] = {
         "general.architecture": arch,
@@ -385,10 +529,15 @@ def make_tiny_model(
         f"{arch}.rope.dimension_count": head_dim,
         f"{arch}.vocab_size": n_vocab,
     }
-    if weight_type not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+    if fam.key_length or head_dim * n_head != n_embd:
+        metadata[f"{arch}.attention.key_length"] = head_dim
+        metadata[f"{arch}.attention.value_length"] = head_dim
+    if sliding_window is not None:
+        metadata[f"{arch}.attention.sliding_window"] = sliding_window
+    metadata |= {f"{arch}.{key}": value for key, value in fam.extra}
+    if {qtype for _, qtype in tensors.values()} - {GGMLQuantizationType.F32, GGMLQuantizationType.F16}:
         metadata["general.quantization_version"] = gguf.GGML_QUANT_VERSION
-    if arch == "llama":  # SmolLM2's layout: BOS <|im_start|>, EOS <|im_end|>
-        metadata |= make_tokenizer_metadata(n_vocab, "smollm", bos_id=1, eos_id=2)
-    else:  # Qwen2's: BOS <|endoftext|>, EOS <|im_end|>
-        metadata |= make_tokenizer_metadata(n_vocab, "qwen2", bos_id=0, eos_id=2)
+    pre, bos_id, eos_id = fam.tokenizer
+    metadata |= make_tokenizer_metadata(n_vocab, pre, bos_id=bos_id, eos_id=eos_id)
+    metadata |= extra_metadata or {}
     return write_gguf(path, metadata, tensors)

@@ -1,0 +1,195 @@
+"""One runner over every model family: a tiny random model of each, written by our GGUF writer,
+against Hugging Face transformers loading the same file (fp32), alone and sharing a batch; plus what
+every family must do: refuse a file of the wrong layout, run K-quant mixes, expose named points."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from hf_reference import hf_logits
+
+from gguflm import LLM, Batch, Context, GGUFError, Model
+from gguflm.cli import main
+from gguflm.models import ARCHITECTURES
+from gguflm.writer import make_tiny_model, write_gguf
+
+T = gguf.GGMLQuantizationType
+FAMILIES = sorted(ARCHITECTURES)
+N_PROMPT = 24  # longer than the tiny models' sliding window (8): local layers must mask
+
+
+def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    return float((ours - theirs).abs().max() / (theirs.max() - theirs.min()))
+
+
+def tokens_of(n: int, seed: int, n_vocab: int) -> list[int]:
+    return torch.randint(0, n_vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def all_logits(model: Model, tokens: list[int], n_ubatch: int = 512) -> torch.Tensor:
+    ctx = Context(model, n_ctx=max(64, len(tokens)), n_batch=512, n_ubatch=n_ubatch)
+    assert ctx.decode(Batch.from_tokens(tokens, output=[True] * len(tokens))) == 0
+    return ctx.all_logits().clone()
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_path(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    arch = request.param
+    return make_tiny_model(tmp_path_factory.mktemp(arch) / f"{arch}.gguf", arch, seed=7)
+
+
+def test_every_family_matches_transformers(family_path: Path) -> None:
+    model = Model.load(family_path, mode="reference")
+    tokens = tokens_of(N_PROMPT, 0, model.n_vocab)
+    assert relative_error(all_logits(model, tokens), hf_logits(family_path, tokens)) < 1e-3
+
+
+def test_every_family_prefill_in_pieces_equals_one_pass(family_path: Path) -> None:
+    """Micro-batches of 5 over a window of 8: what each token sees does not depend on the split."""
+    model = Model.load(family_path, mode="reference")
+    tokens = tokens_of(N_PROMPT, 1, model.n_vocab)
+    torch.testing.assert_close(all_logits(model, tokens, n_ubatch=5), all_logits(model, tokens))
+
+
+def test_every_family_sequences_sharing_a_batch_match_transformers(family_path: Path) -> None:
+    """Three sequences, interleaved token by token in one batch, each against HF run on it alone."""
+    model = Model.load(family_path, mode="reference")
+    seqs = [tokens_of(n, seed, model.n_vocab) for n, seed in ((N_PROMPT, 2), (5, 3), (13, 4))]
+    order = sorted((i, s, t) for s, toks in enumerate(seqs) for i, t in enumerate(toks))
+    ctx = Context(model, n_ctx=64, n_batch=64, n_ubatch=16, n_seq_max=3)
+    batch = Batch.from_tokens(
+        [t for _, _, t in order],
+        pos=[i for i, _, _ in order],
+        seq_ids=[[s] for _, s, _ in order],
+        output=[True] * len(order),
+    )
+    assert ctx.decode(batch) == 0
+    for s, toks in enumerate(seqs):
+        rows = [k for k, (_, seq, _) in enumerate(order) if seq == s]
+        ours = torch.stack([ctx.logits(k) for k in rows])
+        assert relative_error(ours, hf_logits(family_path, toks)) < 1e-3
+
+
+def test_every_family_decodes_step_by_step_like_transformers(family_path: Path) -> None:
+    """Prompt, then one token at a time past the window: the KV cache and the window mask at decode."""
+    model = Model.load(family_path, mode="reference")
+    tokens = tokens_of(N_PROMPT, 5, model.n_vocab)
+    ctx = Context(model, n_ctx=64)
+    assert ctx.decode(Batch.from_tokens(tokens[:4])) == 0
+    steps = [ctx.logits(-1).clone()]
+    for t in tokens[4:]:
+        assert ctx.decode(Batch.from_tokens([t])) == 0
+        steps.append(ctx.logits(-1).clone())
+    assert relative_error(torch.stack(steps), hf_logits(family_path, tokens)[3:]) < 1e-3
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "phi3"])
+def test_k_quant_mix_runs_each_part_in_its_format(tmp_path: Path, arch: str) -> None:
+    """attn_v and ffn_down in other formats than their layer-mates, as _K_M files have them."""
+    if arch == "phi3":  # q/k/v and gate/up are one tensor each in the file
+        mix = {"attn_qkv": T.Q8_0, "ffn_down": T.Q4_1}
+    else:  # (gguf-py, which writes these, has no K-quant quantizer; the Gemma 3 test has real ones)
+        mix = {"attn_v": T.Q8_0, "ffn_down": T.Q8_0, "ffn_up": T.Q4_1}
+    path = make_tiny_model(
+        tmp_path / "mix.gguf", arch, n_embd=256, n_ff=256, weight_type=T.Q5_0, tensor_types=mix, seed=9
+    )
+    tokens = tokens_of(N_PROMPT, 6, 300)
+    reference = Model.load(path, mode="reference")
+    expected = hf_logits(path, tokens)
+    assert relative_error(all_logits(reference, tokens), expected) < 1e-3
+    fast = Model.load(path, mode="fast")
+    assert relative_error(all_logits(fast, tokens), expected) < 3e-2
+    if arch != "phi3":
+        assert len(fast.transformer.layers[0].attn.qkv.runs) == 2  # q, k fused; v alone
+        assert len(fast.transformer.layers[0].gate_up.runs) == 2  # gate Q5_0, up Q4_1
+
+
+def _rewrite(src: Path, dst: Path, change: dict[str, np.ndarray | None]) -> Path:
+    """src's metadata and tensors (as F32) with tensors added, replaced or (None) dropped."""
+    reader = gguf.GGUFReader(src)
+    metadata = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    tensors = {
+        t.name: (
+            np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(
+                tuple(reversed(t.shape.tolist()))
+            ),
+            T.F32,
+        )
+        for t in reader.tensors
+    }
+    for name, value in change.items():
+        if value is None:
+            del tensors[name]
+        else:
+            tensors[name] = (value, T.F32)
+    return write_gguf(dst, metadata, tensors)
+
+
+def test_a_tensor_no_layer_reads_is_refused_by_name(tiny_llama_path: Path, tmp_path: Path) -> None:
+    path = _rewrite(
+        tiny_llama_path, tmp_path / "extra.gguf", {"blk.0.attn_q_norm.weight": np.ones(16, np.float32)}
+    )
+    with pytest.raises(GGUFError, match=r"blk\.0\.attn_q_norm\.weight"):
+        Model.load(path)
+
+
+def test_a_missing_tensor_is_refused_by_name(tiny_llama_path: Path, tmp_path: Path) -> None:
+    path = _rewrite(tiny_llama_path, tmp_path / "missing.gguf", {"blk.1.ffn_up.weight": None})
+    with pytest.raises(GGUFError, match=r"missing tensor 'blk\.1\.ffn_up\.weight'"):
+        Model.load(path)
+
+
+def test_a_wrong_shape_is_refused_by_name(tiny_llama_path: Path, tmp_path: Path) -> None:
+    path = _rewrite(
+        tiny_llama_path, tmp_path / "shape.gguf", {"blk.0.ffn_norm.weight": np.ones(32, np.float32)}
+    )
+    with pytest.raises(GGUFError, match=r"'blk\.0\.ffn_norm\.weight' has shape \(32,\)"):
+        Model.load(path)
+
+
+def test_named_points_show_each_layer_and_cost_nothing_detached(tiny_llama: Model) -> None:
+    """An observer sees every layer's output; the last one, normed, is what decode returns."""
+    seen: dict[tuple[str, int], torch.Tensor] = {}
+    transformer = tiny_llama.transformer
+    transformer.observers.append(lambda name, il, x: seen.setdefault((name, il), x.clone()))
+    try:
+        ctx = Context(tiny_llama, n_ctx=32, embeddings=True)
+        assert ctx.decode(Batch.from_tokens([5, 6, 7, 8])) == 0
+    finally:
+        transformer.observers.clear()
+    n_layer = tiny_llama.args.n_layer
+    assert {il for name, il in seen if name == "l_out"} == set(range(n_layer))
+    assert {"attn_norm", "ffn_inp", "ffn_norm", "inp_embd", "result_norm"} <= {name for name, _ in seen}
+    assert seen[("l_out", 0)].shape == (4, tiny_llama.n_embd)  # every row until the last layer
+    last = seen[("l_out", n_layer - 1)]  # only the output row after it
+    expected = transformer.norm(last, transformer.output_norm)[-1]
+    torch.testing.assert_close(ctx.embeddings(-1), expected)
+
+
+def test_every_public_path_runs_on_every_family(
+    family_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """run, chat, embed, perplexity and bench, through gguflm.LLM and the CLI, on each family."""
+    llm = LLM(family_path, n_ctx=128)
+    text = llm.complete("Hello world", max_tokens=6, temperature=0)["choices"][0]["text"]
+    assert text == llm.complete("Hello world", max_tokens=6, temperature=0)["choices"][0]["text"]
+    reply = llm.chat([{"role": "user", "content": "Hi"}], max_tokens=4, seed=1)
+    assert reply["choices"][0]["message"]["role"] == "assistant"
+    vectors = llm.embed(["a cat", "a dog"])
+    assert len(vectors) == 2 and all(abs(float(np.linalg.norm(v)) - 1) < 1e-4 for v in vectors)
+
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    m = str(family_path)
+    assert main(["run", "-m", m, "-p", "Hello", "-n", "4", "--temp", "0", "--no-display-prompt"]) == 0
+    assert main(["perplexity", "-m", m, "-f", str(corpus), "-c", "64"]) == 0
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1].startswith("Final estimate: PPL = ")
+    assert main(["bench", "-m", m, "-p", "16", "-n", "4", "-r", "1", "--npl", "2", "-o", "json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tg_tps"] > 0 and result["npl"]["2"] > 0
