@@ -95,3 +95,14 @@ def hf_logits(gguf_path: Path, token_ids: list[int]) -> torch.Tensor:
     with torch.inference_mode():
         out = model(input_ids=torch.tensor([token_ids], dtype=torch.long), use_cache=False)
     return out.logits[0].to(torch.float32)
+
+
+def hf_logits_with_config(gguf_path: Path, token_ids: list[int], **config: Any) -> torch.Tensor:
+    """hf_logits with config values set by hand (rope_parameters, which the GGUF loader does not map)."""
+    path = Path(gguf_path).resolve()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32, local_files_only=True, **config
+    ).eval()
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([token_ids], dtype=torch.long), use_cache=False)
+    return out.logits[0].to(torch.float32)

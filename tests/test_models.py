@@ -11,7 +11,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from hf_reference import hf_logits
+from hf_reference import hf_logits, hf_logits_with_config
 
 from gguflm import LLM, Batch, Context, GGUFError, Model
 from gguflm.cli import main
@@ -128,6 +128,37 @@ def _rewrite(src: Path, dst: Path, change: dict[str, np.ndarray | None]) -> Path
         else:
             tensors[name] = (value, T.F32)
     return write_gguf(dst, metadata, tensors)
+
+
+def llama3_rope_factors(
+    base: float, dim: int, factor: float, low: float, high: float, n_ctx_orig: int
+) -> np.ndarray:
+    """rope_freqs.weight as llama.cpp's converter writes it for Llama 3.1: per pair, how much its
+    frequency is divided by (1 for short wavelengths, `factor` for long ones, smooth between)."""
+    freqs = base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
+    wavelen = 2 * np.pi / freqs
+    smooth = np.clip((n_ctx_orig / wavelen - low) / (high - low), 0, 1)
+    return (1 / ((1 - smooth) / factor + smooth)).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["linear", "yarn", "llama3"])
+def test_rope_scaling_matches_transformers(tiny_llama_path: Path, tmp_path: Path, kind: str) -> None:
+    """Linear, YaRN and Llama 3.1's frequency factors, over positions past the original context (16)."""
+    hf_rope: dict[str, float | str] = {"rope_type": kind, "factor": 4.0, "rope_theta": 10000.0}
+    if kind == "llama3":
+        hf_rope |= {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+        factors = llama3_rope_factors(10000.0, 16, 4.0, 1.0, 4.0, 16)
+        path = _rewrite(tiny_llama_path, tmp_path / "llama3.gguf", {"rope_freqs.weight": factors})
+    else:
+        meta = {"llama.rope.scaling.type": kind, "llama.rope.scaling.factor": 4.0}
+        if kind == "yarn":
+            hf_rope["original_max_position_embeddings"] = 16
+            meta["llama.rope.scaling.original_context_length"] = 16
+        path = make_tiny_model(tmp_path / f"{kind}.gguf", "llama", seed=1, extra_metadata=meta)
+    tokens = tokens_of(40, 8, 300)
+    ours = all_logits(Model.load(path, mode="reference"), tokens)
+    assert relative_error(ours, hf_logits(tiny_llama_path, tokens)) > 1e-2  # the scaling changes something
+    assert relative_error(ours, hf_logits_with_config(path, tokens, rope_parameters=hf_rope)) < 1e-3
 
 
 def test_a_tensor_no_layer_reads_is_refused_by_name(tiny_llama_path: Path, tmp_path: Path) -> None:
