@@ -5,6 +5,7 @@ every family must do: refuse a file of the wrong layout, run K-quant mixes, expo
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import gguf
@@ -159,6 +160,32 @@ def test_rope_scaling_matches_transformers(tiny_llama_path: Path, tmp_path: Path
     ours = all_logits(Model.load(path, mode="reference"), tokens)
     assert relative_error(ours, hf_logits(tiny_llama_path, tokens)) > 1e-2  # the scaling changes something
     assert relative_error(ours, hf_logits_with_config(path, tokens, rope_parameters=hf_rope)) < 1e-3
+
+
+@pytest.mark.parametrize(("n_tokens", "n_ctx"), [(12, 16), (40, 64)])
+def test_longrope_short_and_long_factors_match_transformers(
+    tmp_path: Path, n_tokens: int, n_ctx: int
+) -> None:
+    """Phi-3's LongRoPE: short factors while the context fits the original 16 positions, long ones
+    beyond (llama.cpp picks by n_ctx, transformers by the prompt's length: equal here)."""
+    attn_factor = math.sqrt(1 + math.log(256 / 16) / math.log(16))
+    meta = {"phi3.rope.scaling.original_context_length": 16, "phi3.rope.scaling.attn_factor": attn_factor}
+    plain = make_tiny_model(tmp_path / "phi3.gguf", "phi3", seed=4, extra_metadata=meta)
+    rng = np.random.default_rng(0)
+    short, long = (1 + rng.random(8)).astype(np.float32), (2 + 6 * rng.random(8)).astype(np.float32)
+    path = _rewrite(
+        plain,
+        tmp_path / "longrope.gguf",
+        {"rope_factors_short.weight": short, "rope_factors_long.weight": long},
+    )
+    tokens = tokens_of(n_tokens, 1, 300)
+    ctx = Context(Model.load(path, mode="reference"), n_ctx=n_ctx)
+    assert ctx.long_context == (n_ctx > 16)
+    assert ctx.decode(Batch.from_tokens(tokens, output=[True] * n_tokens)) == 0
+    rope = {"rope_type": "longrope", "short_factor": short.tolist(), "long_factor": long.tolist()}
+    rope |= {"original_max_position_embeddings": 16, "rope_theta": 10000.0}
+    expected = hf_logits_with_config(path, tokens, rope_parameters=rope, original_max_position_embeddings=16)
+    assert relative_error(ctx.all_logits(), expected) < 1e-3
 
 
 def test_a_tensor_no_layer_reads_is_refused_by_name(tiny_llama_path: Path, tmp_path: Path) -> None:

@@ -91,13 +91,15 @@ class Context:
         if n_seq_max > 1 and self.pooling == "none":  # logits of a row per sequence and step: many rows
             model.transformer.output.keep_dense_copy()  # on the model, for every context: +2 bytes/weight
         args = model.args
+        # llama.cpp's LongRoPE choice: long factors when a sequence may outgrow the original context
+        self.long_context = n_ctx // n_seq_max > args.n_ctx_orig
         self.kv = KVCache(
             n_layer=args.n_layer,
             n_ctx=n_ctx,
             n_head_kv=args.n_head_kv,
             head_dim=args.head_dim,
             n_seq_max=n_seq_max,
-            shift_keys=model.transformer.shift_keys,
+            shift_keys=self._shift_keys,
             dtype=kv_dtype,
             device=model.transformer.device,
         )
@@ -106,6 +108,9 @@ class Context:
         self._logits: torch.Tensor | None = None  # (n_out, n_vocab)
         self._pooled: dict[int, torch.Tensor] = {}
         self.n_decoded = 0  # tokens decoded over the context's life, for callers that count work
+
+    def _shift_keys(self, layer: int, k: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return self.model.transformer.shift_keys(layer, k, delta, self.long_context)
 
     # ---- decode -------------------------------------------------------------------------------
 
@@ -247,6 +252,7 @@ class Context:
                 out_rows=torch.from_numpy(out_rows).to(device),
                 groups=groups,
                 from_tokens=batch.tokens is not None,
+                long_context=self.long_context,
             )
             outs.append(transformer.forward(x, ub))
         return torch.cat(outs) if len(outs) > 1 else outs[0]

@@ -163,6 +163,7 @@ class UBatch:
     out_rows: torch.Tensor  # (n_out,) rows of the micro-batch whose output is wanted
     groups: list[SequenceGroup] | None = None  # several sequence sets, each attended alone
     from_tokens: bool = True  # the input rows are token embeddings (not vectors given by the caller)
+    long_context: bool = False  # the context's per-sequence length exceeds the original (LongRoPE)
     _rotations: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def rotation(self, rope: Rope) -> torch.Tensor:
@@ -242,7 +243,15 @@ class Transformer:
         self.observers: list[Observer] = []
         a = args
         self.tok_embd = w.matrix("token_embd", a.n_vocab, a.n_embd)
-        self.rope_global = self.make_rope(w, a.rope_freq_base, a.rope_freq_scale)
+        # frequency factors: Llama 3.1's rope_freqs; LongRoPE's (Phi-3) short ones, and long ones for
+        # contexts longer than the original (llama.cpp's get_rope_factors: n_ctx / n_seq > n_ctx_orig)
+        factors = next((n for n in ("rope_freqs.weight", "rope_factors_short.weight") if w.has(n)), None)
+        self.rope_global = self.make_rope(w, a.rope_freq_base, a.rope_freq_scale, factors)
+        self.rope_long: Rope | None = None
+        if w.has("rope_factors_long.weight"):
+            self.rope_long = self.make_rope(
+                w, a.rope_freq_base, a.rope_freq_scale, "rope_factors_long.weight"
+            )
         self.rope_local = self.rope_global  # sliding-window layers may have their own (Gemma 3)
         if a.n_swa and (a.rope_freq_base_swa, a.rope_freq_scale_swa) != (a.rope_freq_base, a.rope_freq_scale):
             self.rope_local = self.make_rope(w, a.rope_freq_base_swa, a.rope_freq_scale_swa)
@@ -270,16 +279,11 @@ class Transformer:
 
     # -- shared pieces a family's load_layer and block use --
 
-    def make_rope(self, w: Weights, base: float, freq_scale: float) -> Rope:
-        """A rope of this model (llama.cpp: freq factors from rope_freqs or LongRoPE's short factors)."""
+    def make_rope(self, w: Weights, base: float, freq_scale: float, factors: str | None = None) -> Rope:
+        """A rope of this model; `factors` names a tensor of per-pair frequency divisors."""
         a = self.args
-        factors = None
-        for name in ("rope_freqs.weight", "rope_factors_short.weight"):
-            if w.has(name):
-                factors = w.vector(name, a.rope_dim // 2)
-        if w.has("rope_factors_long.weight"):
-            w.vector("rope_factors_long.weight", a.rope_dim // 2)  # for n_ctx > n_ctx_orig: not used yet
-        theta, mscale = rope_frequencies(a, base, freq_scale, factors)
+        divisors = w.vector(factors, a.rope_dim // 2) if factors else None
+        theta, mscale = rope_frequencies(a, base, freq_scale, divisors)
         return Rope(theta, mscale, a.rope_dim, self.device)
 
     def attention_weights(self, w: Weights, i: int, *, fused: bool = False) -> Attention:
@@ -350,7 +354,8 @@ class Transformer:
             qk = torch.cat(
                 (self.norm(qk[:, :n_head], at.q_norm), self.norm(qk[:, n_head:], at.k_norm)), dim=1
             )
-        qk = at.rope(qk, ub.rotation(at.rope))  # (T, n_head + n_head_kv, hd)
+        rope = self.rope_of(at, ub.long_context)
+        qk = rope(qk, ub.rotation(rope))  # (T, n_head + n_head_kv, hd)
         k_new = qk[:, n_head:]  # (T, n_head_kv, hd)
         kv = ub.kv
         if kv.k.dtype != torch.float32:
@@ -390,9 +395,17 @@ class Transformer:
         """(n,) token ids -> (n, n_embd) float32 rows of the embedding matrix (llama.cpp's get_rows)."""
         return self.tok_embd.rows(tokens.to(self.device))
 
-    def shift_keys(self, layer: int, k: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    def rope_of(self, at: Attention, long_context: bool) -> Rope:
+        """The layer's rope; LongRoPE's long factors replace the short ones in a long context."""
+        if long_context and self.rope_long is not None and at.rope is self.rope_global:
+            return self.rope_long
+        return at.rope
+
+    def shift_keys(
+        self, layer: int, k: torch.Tensor, delta: torch.Tensor, long_context: bool = False
+    ) -> torch.Tensor:
         """Cached keys k (n, n_head_kv, head_dim) of a layer re-rotated by a position change delta (n,)."""
-        rope = self.layers[layer].attn.rope
+        rope = self.rope_of(self.layers[layer].attn, long_context)
         return rope(k.float(), rope.rotation(delta, shift=True))
 
     def forward(self, x: torch.Tensor, ub: UBatch) -> torch.Tensor:
