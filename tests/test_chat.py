@@ -76,6 +76,13 @@ LLAMA_CPP_EXPECTED = {
     " I am an assistant</s>[INST] Another question[/INST]",
     "mistral-v7": "[SYSTEM_PROMPT] You are a helpful assistant[/SYSTEM_PROMPT][INST] Hello[/INST] Hi there</s>"
     "[INST] Who are you[/INST]    I am an assistant   </s>[INST] Another question[/INST]",
+    "gemma": "<start_of_turn>user\nYou are a helpful assistant\n\nHello<end_of_turn>\n"
+    "<start_of_turn>model\nHi there<end_of_turn>\n<start_of_turn>user\nWho are you<end_of_turn>\n"
+    "<start_of_turn>model\nI am an assistant<end_of_turn>\n<start_of_turn>user\nAnother question<end_of_turn>\n"
+    "<start_of_turn>model\n",
+    "phi3": "<|system|>\nYou are a helpful assistant<|end|>\n<|user|>\nHello<|end|>\n<|assistant|>\nHi there<|end|>\n"
+    "<|user|>\nWho are you<|end|>\n<|assistant|>\n   I am an assistant   <|end|>\n<|user|>\nAnother question<|end|>\n"
+    "<|assistant|>\n",
 }
 
 SMOL_SYSTEM = (
@@ -111,9 +118,11 @@ def test_builtin_matches_llama_cpp(name: str) -> None:
 
 
 def test_builtin_names() -> None:
-    assert set(BUILTIN_TEMPLATES) == {"chatml", "llama2", "llama3", "mistral", "mistral-v3", "mistral-v7"}
+    assert set(BUILTIN_TEMPLATES) == {
+        *("chatml", "gemma", "llama2", "llama3", "mistral", "mistral-v3", "mistral-v7", "phi3")
+    }
     assert BUILTIN_TEMPLATES["mistral"] == BUILTIN_TEMPLATES["mistral-v7"]
-    with pytest.raises(ValueError, match="chatml, llama2, llama3"):
+    with pytest.raises(ValueError, match="chatml, gemma, llama2, llama3"):
         ChatTemplate.builtin("vicuna")
 
 

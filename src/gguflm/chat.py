@@ -124,14 +124,41 @@ _MISTRAL_V3 = (
     r"{%- endfor -%}"
 )
 
+# llama.cpp's "gemma": no system turn (its text opens the next user turn), "model" for the assistant,
+# every content trimmed.
+_GEMMA = (
+    r"{%- set ns = namespace(system='') -%}"
+    r"{%- for message in messages -%}"
+    r"{%- set content = (message['content'] or '').strip(" + _WS + r") -%}"
+    r"{%- if message['role'] == 'system' -%}{%- set ns.system = ns.system + content -%}"
+    r"{%- else -%}"
+    r"{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    r"{{- '<start_of_turn>' + role + '\n' -}}"
+    r"{%- if ns.system and role != 'model' -%}{{- ns.system + '\n\n' -}}{%- set ns.system = '' -%}{%- endif -%}"
+    r"{{- content + '<end_of_turn>\n' -}}"
+    r"{%- endif -%}"
+    r"{%- endfor -%}"
+    r"{%- if add_generation_prompt -%}{{- '<start_of_turn>model\n' -}}{%- endif -%}"
+)
+
+# llama.cpp's "phi3": <|role|> turns ended by <|end|>, content as given.
+_PHI3 = (
+    r"{%- for message in messages -%}"
+    r"{{- '<|' + message['role'] + '|>\n' + (message['content'] or '') + '<|end|>\n' -}}"
+    r"{%- endfor -%}"
+    r"{%- if add_generation_prompt -%}{{- '<|assistant|>\n' -}}{%- endif -%}"
+)
+
 BUILTIN_TEMPLATES: Mapping[str, str] = MappingProxyType(
     {
         "chatml": _CHATML,
+        "gemma": _GEMMA,
         "llama2": _LLAMA2,
         "llama3": _LLAMA3,
         "mistral": _MISTRAL_V7,
         "mistral-v3": _MISTRAL_V3,
         "mistral-v7": _MISTRAL_V7,
+        "phi3": _PHI3,
     }
 )
 """Built-in templates by name (Jinja source); `--chat-template NAME` picks one."""
