@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from gguflm.cli import default_model_path
 from gguflm.model import Model
+from gguflm.paths import default_model_path
 from gguflm.writer import make_tiny_model
 
 REFERENCE_MODEL = "smollm2-135m-instruct-q4_1"
@@ -75,3 +75,10 @@ def is_utf8(data: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory: pytest.TempPathFactory) -> Model:
+    """Sliding-window (8) and global layers, q/k norms, head_dim != n_embd / n_head: fp32 reference."""
+    path = make_tiny_model(tmp_path_factory.mktemp("tiny") / "gemma3.gguf", "gemma3", seed=3)
+    return Model.load(path, mode="reference")

