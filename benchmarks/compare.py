@@ -34,6 +34,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,9 +44,18 @@ TG_PROMPT = 16  # tokens cached before tg and parallel decode (as `gguflm bench`
 NPL_STEPS = 32  # decode steps of the parallel test (as `gguflm bench` does)
 RESULT_TAG = "@@compare-result@@ "
 ENGINES = ("gguflm", "llama.cpp", "hf-fp32", "hf-bf16")
-# llama.cpp on this kind of machine, from shared/reference/README.md (llama-bench / llama-batched-bench,
-# build 0c1e570, -t 2, AVX512/VNNI/BF16 on, AMX off).
-REFERENCE = {"pp512": 308.0, "tg128": 101.6, "npl16": 220.0}
+# llama.cpp's own tools on SmolLM2-135M-Instruct Q4_1 (the default model), from shared/reference/README.md
+# (llama-bench / llama-batched-bench, build 0c1e570, -t 2), per machine kind. Printed under the table only
+# when that model is measured: other models have no reference figures, only the column of the same run.
+REFERENCE_MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
+REFERENCE = {
+    "Intel Sapphire Rapids, AVX512+VNNI+BF16 build, AMX off": {
+        "pp512": 308.0,
+        "tg128": 101.6,
+        "npl16": 220.0,
+    },
+    "AMD EPYC Zen 3, AVX2 native build": {"pp512": 170.0, "tg128": 66.0, "npl16": 138.0},
+}
 
 Result = dict[str, Any]
 
@@ -291,14 +301,34 @@ def short_error(proc: subprocess.CompletedProcess[str]) -> str:
 
 
 def run_engine(cmd: list[str], env: dict[str, str], timeout: float) -> Result:
-    """Run one engine's subprocess; its result, or {"error": reason}."""
+    """Run one engine's subprocess; its result, or {"error": reason}. While it runs, a thread samples
+    how many other tasks compete for the CPU (`other_runnable_during`, see `runnable_besides`)."""
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
+        child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     except OSError as e:
         return {"error": f"could not start {cmd[0]}: {e.strerror}"}
+    done = threading.Event()
+    samples: list[int] = []
+
+    def sample() -> None:
+        while not done.wait(0.25):
+            if (n := runnable_besides(child.pid)) is not None:
+                samples.append(n)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        stdout, stderr = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.communicate()
+        return {"error": f"timed out after {timeout:.0f} s"}
+    finally:
+        done.set()
+        sampler.join()
+    proc = subprocess.CompletedProcess(cmd, child.returncode, stdout, stderr)
+    during = round(statistics.fmean(samples), 2) if samples else None
     parsed: Result | None = None
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):
@@ -311,6 +341,7 @@ def run_engine(cmd: list[str], env: dict[str, str], timeout: float) -> Result:
     if parsed is None or (proc.returncode != 0 and "error" not in parsed):
         parsed = {"error": short_error(proc)}
     parsed["wall_s"] = round(time.perf_counter() - t0, 1)
+    parsed["other_runnable_during"] = during
     return parsed
 
 
@@ -476,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         "npl_steps": NPL_STEPS,
         "repetitions": args.repetitions,
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
-        "reference_llama_cpp": REFERENCE,
+        "reference_llama_cpp": REFERENCE if Path(model).name == REFERENCE_MODEL else None,
         "results": results,
     }
     if args.json == "-":
@@ -490,9 +521,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(table(results, args))
     print()
-    busy = {e: b for e, r in results.items() if (b := r.get("other_runnable")) is not None and b >= 0.5}
+    busy = {}
+    for e, r in results.items():
+        before, during = r.get("other_runnable") or 0.0, r.get("other_runnable_during") or 0.0
+        if max(before, during) >= 0.5:
+            busy[e] = (before, during)
     if busy:
-        listed = ", ".join(f"{e} {b:.1f}" for e, b in busy.items())
+        listed = ", ".join(f"{e} {b:.1f} before / {d:.1f} during" for e, (b, d) in busy.items())
         print(f"WARNING: other processes were competing for the CPU (runnable tasks besides ours: {listed});")
         print("those figures are low and noisy, run again on an idle machine before reporting them.")
     llama = results.get("llama.cpp", {})
@@ -500,11 +535,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llama.cpp measured: llama-cpp-python {llama['llama_cpp_version']}, {llama['system_info']}")
     if "gguflm" in results and "mode" in results["gguflm"]:
         print(f"gguflm mode: {results['gguflm']['mode']}")
-    print(
-        "llama.cpp reference (shared/reference/README.md: llama-bench/llama-batched-bench -t 2, "
-        f"AVX512+VNNI+BF16, AMX off): pp512 {REFERENCE['pp512']:g}, tg128 {REFERENCE['tg128']:g}, "
-        f"decode x16 {REFERENCE['npl16']:g} t/s"
-    )
+    if Path(model).name == REFERENCE_MODEL:
+        print("llama.cpp reference on this model (shared/reference/README.md, llama-bench -t 2):")
+        for kind, ref in REFERENCE.items():
+            print(
+                f"  {kind}: pp512 {ref['pp512']:g}, tg128 {ref['tg128']:g}, decode x16 {ref['npl16']:g} t/s"
+            )
+    else:
+        print("no llama.cpp reference figures for this model: compare with the column of this run only")
     return 0
 
 
@@ -524,14 +562,68 @@ def other_runnable(samples: int = 20, interval_s: float = 0.05) -> float | None:
     return statistics.fmean(counts)
 
 
-def cpu_name() -> str:
+# (vendor, family, model) -> generation, for the kinds of machine this project meets; the model name
+# alone ("AMD EPYC" under KVM) does not tell Zen 3 from Zen 4.
+_CPU_GENERATIONS = {
+    ("AuthenticAMD", 25, range(0x00, 0x10)): "Zen 3",
+    ("AuthenticAMD", 25, range(0x10, 0x20)): "Zen 4",
+    ("AuthenticAMD", 25, range(0xA0, 0xB0)): "Zen 4c",
+    ("AuthenticAMD", 26, range(0x00, 0x100)): "Zen 5",
+    ("GenuineIntel", 6, range(0x8F, 0x90)): "Sapphire Rapids",
+    ("GenuineIntel", 6, range(0xCF, 0xD0)): "Emerald Rapids",
+}
+
+
+def runnable_besides(pid: int) -> int | None:
+    """Runnable tasks other than the threads of process `pid` and the caller, right now: the running
+    count of /proc/loadavg, less `pid`'s threads in state R, less one (the thread reading it)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        total = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+    except (OSError, IndexError, ValueError):
+        return None
+    ours = 0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                stat = (task / "stat").read_text()
+            except OSError:
+                continue
+            ours += stat[stat.rindex(")") + 2] == "R"
     except OSError:
         pass
-    return platform.processor() or "?"
+    return max(0, total - ours - 1)
+
+
+def cpu_name() -> str:
+    """The CPU's model name, generation and the SIMD flags that decide the kernels, e.g.
+    "AMD EPYC (Zen 4, family 25 model 17; AVX512 VNNI BF16, no AMX)"."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if not line.strip():
+                break  # the first processor is enough
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+    except OSError:
+        return platform.processor() or "?"
+    name = fields.get("model name", platform.processor() or "?")
+    vendor = fields.get("vendor_id", "")
+    try:
+        family, model = int(fields.get("cpu family", "")), int(fields.get("model", ""))
+    except ValueError:
+        return name
+    gen = next(
+        (g for (v, f, ms), g in _CPU_GENERATIONS.items() if (v, f) == (vendor, family) and model in ms), None
+    )
+    flags = set(fields.get("flags", "").split())
+    if "avx512f" in flags:
+        simd = "AVX512" + "".join(
+            f" {n}" for f, n in (("avx512_vnni", "VNNI"), ("avx512_bf16", "BF16")) if f in flags
+        )
+    else:
+        simd = "AVX2" if "avx2" in flags else "no AVX2"
+    simd += ", AMX" if "amx_tile" in flags else ", no AMX"
+    return f"{name} ({gen + ', ' if gen else ''}family {family} model {model}; {simd})"
 
 
 if __name__ == "__main__":
