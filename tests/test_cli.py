@@ -204,6 +204,7 @@ def test_bench_json_reports_every_measure(capsys: pytest.CaptureFixture[str], ti
     assert code == 0
     result = json.loads(out)
     assert result["model"] == tiny_llama_path.name
+    assert result["cpu"].startswith("cpu: ") and "prefill in " in result["cpu"]
     assert set(result["npl"]) == {"1", "4"}
     speeds = [result["pp_tps"], result["tg_tps"], *result["npl"].values()]
     assert all(isinstance(v, float) and v > 0 for v in speeds)

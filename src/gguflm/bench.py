@@ -12,6 +12,7 @@ import torch
 
 from gguflm.batch import Batch
 from gguflm.context import DECODE_OK, Context
+from gguflm.cpu import describe
 from gguflm.generate import DecodeError
 from gguflm.model import Model
 
@@ -132,6 +133,7 @@ def run_bench(
         "model": str(model.path.name),
         "mode": model.mode,
         "threads": torch.get_num_threads(),
+        "cpu": describe(),
     }
     by_name = {m.name: m for m, _ in jobs}
     if n_prompt > 0:
@@ -156,5 +158,5 @@ def markdown(result: dict[str, object], n_prompt: int, n_gen: int) -> str:
     std: dict[str, float] = result["npl_std"]  # type: ignore[assignment]
     for n, tps in npl.items():
         rows.append(f"| decode, {n} parallel sequences | {tps:.1f} ± {std[n]:.1f} |")
-    header = f"model {result['model']} ({result['mode']} mode), {result['threads']} threads"
+    header = f"model {result['model']} ({result['mode']} mode), {result['threads']} threads\n{result['cpu']}"
     return "\n".join([header, "", *rows, "", f"peak RSS {result['peak_rss_mb']:.0f} MB"])

@@ -13,6 +13,8 @@ import gguf
 import torch
 import torch.nn.functional as F
 
+from gguflm.cpu import has_fast_bf16, prefill_dtype
+
 QT = gguf.GGMLQuantizationType
 QK_K = 256  # elements in a K-quant super-block
 
@@ -422,11 +424,12 @@ class QuantizedLinear(torch.nn.Module):
               nibbles, scales 1 and 16); Q2_K/Q3_K as one plane, each 16-wide group padded to 32. Runs
               torch's int4 CPU kernel (bf16 activations, bf16 scales, fp32 accumulation) for up to
               `int4_max_rows` activation rows (decode); above that (prefill) each call dequantizes
-              chunks of rows to bf16 and uses bf16 (AMX) matmuls. Memory: 0.625 byte/weight for Q4_*,
+              chunks of rows to bf16 and uses bf16 (AMX) matmuls, or to fp32 and fp32 matmuls where the
+              CPU has no bf16 arithmetic (gguflm.cpu). Memory: 0.625 byte/weight for Q4_*,
               1.25 for the others, plus the GGUF bytes (memory-mapped) that rows() and prefill read.
       "bf16"  BF16/F16/Q6_K: a bf16 copy of W (BF16 used in place). Q6_K's 16-wide groups would take
               four padded int4 planes: 2.5 bytes/weight and 1.6x slower than bf16 at M=1.
-      "f32"   F32: W used in place.
+      "f32"   F32: W used in place; BF16/F16/Q6_K as an fp32 copy where the CPU has no bf16 arithmetic.
     Measured on 2 cores (torch 2.13, AVX512-BF16 + AMX; benchmarks/bench_quants.py), ms per call,
     Q4_1 | Q8_0 fast mode, against dense fp32 F.linear on the dequantized weight:
       M=1    1536x576: 0.033 | 0.061 (fp32 0.031)    49152x576: 0.74 | 1.41 (fp32 2.5)
@@ -570,8 +573,10 @@ class QuantizedLinear(torch.nn.Module):
     def _default_kernel(self) -> str:
         if self.qtype == QT.F32:
             return "f32"
-        if self.qtype in _BF16_COPY_TYPES or self.device.type != "cpu":
+        if self.device.type != "cpu":
             return "bf16"
+        if self.qtype in _BF16_COPY_TYPES:  # a dense copy: bf16 where the CPU computes in it, else fp32
+            return "bf16" if has_fast_bf16() else "f32"
         return "int4"
 
     def extra_repr(self) -> str:
@@ -594,12 +599,20 @@ class QuantizedLinear(torch.nn.Module):
         """The activation dtype this layer's kernel computes in: callers hand it that to skip casts."""
         return torch.bfloat16 if self.kernel in ("int4", "bf16") else torch.float32
 
+    def input_dtype(self, m: int) -> torch.dtype:
+        """The dtype `mm` computes m rows in: act_dtype, except that many rows through a packed weight
+        (prefill) run in bf16 only where the CPU has bf16 arithmetic, else in fp32 (gguflm.cpu)."""
+        if self.kernel == "int4" and m > self.int4_max_rows and self._dense_copy is None:
+            return prefill_dtype()
+        return self.act_dtype
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) float -> (..., out) float32."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, the layer expects {self.in_features}")
         lead = x.shape[:-1]
-        y = self.mm(x.reshape(-1, self.in_features).to(self.act_dtype)).float()
+        x2 = x.reshape(-1, self.in_features)
+        y = self.mm(x2.to(self.input_dtype(x2.shape[0]))).float()
         return y.reshape(*lead, self.out_features)
 
     def mm(self, x2: torch.Tensor) -> torch.Tensor:
@@ -616,8 +629,9 @@ class QuantizedLinear(torch.nn.Module):
             y = self._int4_mm(x2)
         elif self._weight is not None:  # "bf16" / "f32": a dense weight
             y = F.linear(x2, self._weight)
-        else:  # reference (fp32), or many rows through a packed weight (bf16): W a chunk of rows at a time
-            dtype = self.act_dtype
+        else:  # reference (fp32), or many rows through a packed weight: W a chunk of rows at a time
+            dtype = self.input_dtype(m)
+            x2 = x2.to(dtype)
             y = x2.new_empty(m, self.out_features, dtype=dtype)  # (M, out)
             r = 0
             for w in self._chunks():  # (n, in) fp32

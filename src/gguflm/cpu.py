@@ -1,0 +1,63 @@
+"""What the CPU can do fast, decided once: the fast mode's prefill runs in bf16 only where the CPU has
+native bf16 arithmetic (AMX or AVX512-BF16); elsewhere a bf16 matmul is ~5x slower than fp32 (AMD Zen 3:
+512x576 by 576x1536 takes 58 ms in bf16, 12 ms in fp32).
+
+GGUFLM_KERNELS=avx2 pretends the CPU has no bf16 arithmetic (to test and compare that path anywhere);
+=avx512 or =amx pretend it has.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import torch
+
+KERNEL_CHOICES = ("auto", "torch", "avx2", "avx512", "amx")
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The flags /proc/cpuinfo lists for the first CPU (empty where there is no such file)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def kernel_choice() -> str:
+    """GGUFLM_KERNELS, checked: auto (the default), torch, avx2, avx512 or amx."""
+    choice = os.environ.get("GGUFLM_KERNELS", "auto").strip().lower() or "auto"
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"GGUFLM_KERNELS={choice!r}: expected one of {', '.join(KERNEL_CHOICES)}")
+    return choice
+
+
+def has_fast_bf16() -> bool:
+    """True where bf16 matmuls beat fp32 ones: AMX or AVX512-BF16 (torch's oneDNN uses either)."""
+    choice = kernel_choice()
+    if choice in ("avx512", "amx"):
+        return True
+    if choice == "avx2":
+        return False
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+
+
+def prefill_dtype() -> torch.dtype:
+    """The dtype of the fast mode's many-row matmuls and prefill attention on this CPU."""
+    return torch.bfloat16 if has_fast_bf16() else torch.float32
+
+
+def describe() -> str:
+    """One line for `gguflm bench`: the CPU's capability and the prefill dtype chosen."""
+    flags = cpu_flags()
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
+    return (
+        f"cpu: {torch.backends.cpu.get_cpu_capability()} ({' '.join(isa) or 'no SIMD flags read'}), "
+        f"kernels={kernel_choice()}, prefill in {str(prefill_dtype()).removeprefix('torch.')}"
+    )

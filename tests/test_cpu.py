@@ -1,0 +1,50 @@
+"""The fast mode's choice of prefill dtype by CPU capability, and that the fp32 path stays exact enough."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import pytest
+import torch
+
+from gguflm import Batch, Context, Model
+from gguflm.cpu import describe, has_fast_bf16, kernel_choice, prefill_dtype
+from gguflm.writer import make_tiny_model
+
+T = gguf.GGMLQuantizationType
+
+
+def test_forced_choices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GGUFLM_KERNELS", "avx2")
+    assert not has_fast_bf16() and prefill_dtype() == torch.float32
+    assert "prefill in float32" in describe()
+    monkeypatch.setenv("GGUFLM_KERNELS", "amx")
+    assert has_fast_bf16() and prefill_dtype() == torch.bfloat16
+    monkeypatch.setenv("GGUFLM_KERNELS", "sse9")
+    with pytest.raises(ValueError, match="GGUFLM_KERNELS='sse9'"):
+        kernel_choice()
+
+
+@pytest.mark.parametrize("choice", ["avx2", "amx"])
+def test_prefill_path_of_each_choice_stays_close_to_reference(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, choice: str
+) -> None:
+    """A 100-token prefill (many-row matmuls, prefill attention) and a Q6_K-like dense layer."""
+    monkeypatch.setenv("GGUFLM_KERNELS", choice)
+    path = make_tiny_model(tmp_path / "m.gguf", "llama", weight_type=T.Q4_1, tensor_types={"ffn_down": T.F16})
+    fast = Model.load(path, mode="fast")
+    layer = fast.transformer.layers[0]
+    expected = torch.float32 if choice == "avx2" else torch.bfloat16
+    assert layer.gate_up.runs[0].input_dtype(100) == expected
+    assert layer.down.runs[0].kernel == ("f32" if choice == "avx2" else "bf16")
+    assert fast.transformer.attn_dtype_prefill == expected
+    tokens = torch.randint(0, 300, (100,), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def logits(model: Model) -> torch.Tensor:
+        ctx = Context(model, n_ctx=128)
+        assert ctx.decode(Batch.from_tokens(tokens, output=[True] * len(tokens))) == 0
+        return ctx.all_logits().float()
+
+    ref = logits(Model.load(path, mode="reference"))
+    assert float((logits(fast) - ref).abs().max() / (ref.max() - ref.min())) < 3e-2
