@@ -2,8 +2,8 @@
 native bf16 arithmetic (AMX or AVX512-BF16); elsewhere a bf16 matmul is ~5x slower than fp32 (AMD Zen 3:
 512x576 by 576x1536 takes 58 ms in bf16, 12 ms in fp32).
 
-GGUFLM_KERNELS=avx2 pretends the CPU has no bf16 arithmetic (to test and compare that path anywhere);
-=avx512 or =amx pretend it has.
+GGUFLM_KERNELS=generic or =avx2 pretend the CPU has no bf16 arithmetic (to test and compare that path
+anywhere); =avx512 or =amx pretend it has; =torch and =auto leave the choice to the CPU's flags.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-KERNEL_CHOICES = ("auto", "torch", "avx2", "avx512", "amx")
+KERNEL_CHOICES = ("auto", "torch", "generic", "avx2", "avx512", "amx")
 
 
 @functools.cache
@@ -31,7 +31,7 @@ def cpu_flags() -> frozenset[str]:
 
 
 def kernel_choice() -> str:
-    """GGUFLM_KERNELS, checked: auto (the default), torch, avx2, avx512 or amx."""
+    """GGUFLM_KERNELS, checked: auto (the default), torch, generic, avx2, avx512 or amx."""
     choice = os.environ.get("GGUFLM_KERNELS", "auto").strip().lower() or "auto"
     if choice not in KERNEL_CHOICES:
         raise ValueError(f"GGUFLM_KERNELS={choice!r}: expected one of {', '.join(KERNEL_CHOICES)}")
@@ -43,7 +43,7 @@ def has_fast_bf16() -> bool:
     choice = kernel_choice()
     if choice in ("avx512", "amx"):
         return True
-    if choice == "avx2":
+    if choice in ("generic", "avx2"):
         return False
     return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
 
