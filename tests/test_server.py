@@ -1,0 +1,356 @@
+"""`gguflm serve`: a real server process on 127.0.0.1 over a tiny model, called with httpx and the
+official `openai` client. No mocks of the engine; every request has a timeout."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+
+KEY = "sk-test-key"
+N_CTX, N_PARALLEL = 4096, 4  # 1024 tokens per slot (past the tiny model's 256: a warning only)
+N_SLOT = N_CTX // N_PARALLEL
+TIMEOUT = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_is_free(port: int) -> bool:
+    """Nobody listens, and a new server could listen there (with SO_REUSEADDR, as servers bind:
+    closed connections may leave the port in TIME_WAIT)."""
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", port)) == 0:
+            return False
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen[bytes], port: int) -> None:
+        self.proc, self.port = proc, port
+        self.url = f"http://127.0.0.1:{port}"
+
+    def client(self, key: str | None = KEY) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=TIMEOUT)
+
+    def openai(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=KEY, timeout=TIMEOUT, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    port = free_port()
+    log = (tmp_path_factory.mktemp("serve") / "server.log").open("wb")
+    cmd = [sys.executable, "-m", "gguflm", "serve", "-m", str(tiny_llama_path), "--port", str(port)]
+    cmd += ["-np", str(N_PARALLEL), "-c", str(N_CTX), "--api-key", KEY, "--embeddings"]
+    cmd += ["-a", "tiny", "--chunk", "16"]  # small chunks: prompts are read over several steps
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    srv = Server(proc, port)
+    deadline = time.monotonic() + 60
+    with srv.client(None) as c:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the server exited with {proc.returncode}: {Path(log.name).read_text()}")
+            try:
+                if c.get("/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("the server did not become healthy in 60 s")
+            time.sleep(0.1)
+    yield srv
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+    log.close()
+
+
+def completion(srv: Server, prompt: str, **extra: object) -> dict:
+    with srv.client() as c:
+        r = c.post("/v1/completions", json={"prompt": prompt, "temperature": 0, **extra})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def all_slots_idle(srv: Server, within: float = 5.0) -> bool:
+    deadline = time.monotonic() + within
+    with srv.client() as c:
+        while time.monotonic() < deadline:
+            if not any(s["is_processing"] for s in c.get("/slots").json()):
+                return True
+            time.sleep(0.05)
+    return False
+
+
+# ---- basic routes ----------------------------------------------------------------------------------
+
+
+def test_health_and_models_are_open(server: Server) -> None:
+    with server.client(None) as c:
+        assert c.get("/health").json() == {"status": "ok"}
+        models = c.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["tiny"]
+
+
+def test_tokenize_detokenize_round_trip(server: Server) -> None:
+    text = "Hello, world! héllo 123"
+    with server.client() as c:
+        ids = c.post("/tokenize", json={"content": text}).json()["tokens"]
+        assert ids and all(isinstance(i, int) for i in ids)
+        pieces = c.post("/tokenize", json={"content": text, "with_pieces": True}).json()["tokens"]
+        assert [p["id"] for p in pieces] == ids
+        assert c.post("/detokenize", json={"tokens": ids}).json()["content"] == text
+
+
+# ---- completions and chat ---------------------------------------------------------------------------
+
+
+def test_completion_with_httpx(server: Server) -> None:
+    out = completion(server, "Once upon a time", max_tokens=10)
+    assert out["object"] == "text_completion"
+    assert out["model"] == "tiny"
+    choice = out["choices"][0]
+    assert choice["finish_reason"] in ("length", "stop")
+    assert out["usage"]["completion_tokens"] <= 10
+    assert out["usage"]["total_tokens"] == out["usage"]["prompt_tokens"] + out["usage"]["completion_tokens"]
+    if choice["finish_reason"] == "length":
+        assert out["usage"]["completion_tokens"] == 10
+
+
+def test_openai_completions_streamed_equals_not_streamed(server: Server) -> None:
+    client = server.openai()
+    full = client.completions.create(model="tiny", prompt="The cat", max_tokens=12, temperature=0)
+    chunks = list(
+        client.completions.create(model="tiny", prompt="The cat", max_tokens=12, temperature=0, stream=True)
+    )
+    assert "".join(c.choices[0].text for c in chunks) == full.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+
+def test_openai_chat_streamed_equals_not_streamed(server: Server) -> None:
+    client = server.openai()
+    messages = [{"role": "user", "content": "Say something."}]
+    full = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    assert full.object == "chat.completion"
+    assert full.choices[0].message.role == "assistant"
+    assert full.usage is not None and full.usage.completion_tokens <= 10
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        max_completion_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    with_choices = [c for c in chunks if c.choices]
+    assert with_choices[-1].choices[0].finish_reason == full.choices[0].finish_reason
+    text = "".join(c.choices[0].delta.content or "" for c in with_choices)
+    assert text == full.choices[0].message.content
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_raw_stream_ends_with_done(server: Server) -> None:
+    body = {"prompt": "abc", "max_tokens": 4, "temperature": 0, "stream": True}
+    with server.client() as c, c.stream("POST", "/v1/completions", json=body) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert lines[-1] == "data: [DONE]"
+    assert all(line.startswith("data: ") for line in lines)
+    json.loads(lines[-2][6:])  # the last chunk before [DONE] is JSON
+
+
+def test_stop_strings_end_the_text_before_them(server: Server) -> None:
+    free = completion(server, "a b c", max_tokens=16)["choices"][0]["text"]
+    if len(free) < 4:
+        pytest.skip("the tiny model's reply is too short to cut")
+    stop = free[2:4]
+    out = completion(server, "a b c", max_tokens=16, stop=[stop])
+    assert out["choices"][0]["finish_reason"] == "stop"
+    assert out["choices"][0]["text"] == free[: free.find(stop)]
+
+
+def test_seeded_sampling_is_reproducible(server: Server) -> None:
+    a = completion(server, "x y", max_tokens=12, temperature=1.0, seed=7, top_k=0, top_p=1.0, min_p=0.0)
+    b = completion(server, "x y", max_tokens=12, temperature=1.0, seed=7, top_k=0, top_p=1.0, min_p=0.0)
+    assert a["choices"][0]["text"] == b["choices"][0]["text"]
+
+
+def test_concurrent_streams_equal_their_solo_output(server: Server) -> None:
+    """8 streaming clients on 4 slots: each stream equals that request sent alone (greedy or seeded)."""
+    prompts = [f"prompt number {i}: " + "word " * (3 * i) for i in range(8)]
+
+    def params(i: int) -> dict:
+        if i % 2:
+            return {"temperature": 0.9, "seed": 100 + i, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
+        return {"temperature": 0}
+
+    solo = [
+        completion(server, p, max_tokens=20, **params(i))["choices"][0]["text"] for i, p in enumerate(prompts)
+    ]
+    client = server.openai()
+
+    def stream(i: int) -> str:
+        chunks = client.completions.create(
+            model="tiny", prompt=prompts[i], max_tokens=20, stream=True, extra_body=params(i)
+        )
+        return "".join(c.choices[0].text for c in chunks)
+
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(stream, range(8)))
+    assert together == solo
+    assert all_slots_idle(server)
+
+
+def test_ignore_eos_and_logit_bias(server: Server) -> None:
+    out = completion(server, "Hello", max_tokens=30, ignore_eos=True)
+    assert out["usage"]["completion_tokens"] == 30
+    assert out["choices"][0]["finish_reason"] == "length"
+    with server.client() as c:
+        first = c.post("/tokenize", json={"content": out["choices"][0]["text"]}).json()["tokens"][0]
+    banned = completion(server, "Hello", max_tokens=30, ignore_eos=True, logit_bias={str(first): -1e9})
+    with server.client() as c:
+        ids = c.post("/tokenize", json={"content": banned["choices"][0]["text"]}).json()["tokens"]
+    assert ids[0] != first
+
+
+def test_chat_content_as_text_parts_equals_a_string(server: Server) -> None:
+    def reply(content: object) -> str:
+        with server.client() as c:
+            body = {"messages": [{"role": "user", "content": content}], "max_tokens": 8, "temperature": 0}
+            r = c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"]
+
+    assert reply([{"type": "text", "text": "hi there"}]) == reply("hi there")
+
+
+def test_cors_preflight_needs_no_key(server: Server) -> None:
+    headers = {"Origin": "http://example.com", "Access-Control-Request-Method": "POST"}
+    with server.client(None) as c:
+        r = c.options("/v1/chat/completions", headers=headers)
+    assert r.status_code == 200
+    assert r.headers["access-control-allow-origin"] in ("*", "http://example.com")
+
+
+# ---- embeddings -------------------------------------------------------------------------------------
+
+
+def test_embeddings_are_normalized_for_string_and_list(server: Server) -> None:
+    client = server.openai()
+    one = client.embeddings.create(model="tiny", input="hello world")
+    many = client.embeddings.create(model="tiny", input=["hello world", "something else"])
+    assert len(one.data) == 1 and len(many.data) == 2
+    for item in [*one.data, *many.data]:
+        assert abs(sum(x * x for x in item.embedding) - 1.0) < 1e-4
+    assert one.data[0].embedding == pytest.approx(many.data[0].embedding, abs=1e-5)
+
+
+# ---- errors -----------------------------------------------------------------------------------------
+
+
+def assert_error(r: httpx.Response, status: int, type_: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) >= {"code", "message", "type"}
+    if type_ is not None:
+        assert err["type"] == type_
+    return err
+
+
+def test_errors_then_a_normal_request_still_works(server: Server) -> None:
+    with server.client() as c:
+        bad_json = c.post(
+            "/v1/completions", content=b"{not json", headers={"content-type": "application/json"}
+        )
+        assert_error(bad_json, 400, "invalid_request_error")
+        assert_error(c.post("/v1/completions", json={"prompt": "x", "max_tokens": "ten"}), 400)
+        assert_error(c.post("/v1/completions", json={"prompt": "x", "temperature": "hot"}), 400)
+        assert_error(c.post("/v1/completions", json={"prompt": 5}), 400)
+        assert_error(c.post("/v1/chat/completions", json={"messages": "hi"}), 400)
+        assert_error(c.post("/v1/chat/completions", json={"messages": []}), 400)
+        assert_error(c.post("/v1/completions", json={"prompt": "x", "top_p": 3.0}), 400)
+        assert_error(c.post("/v1/completions", json={"prompt": "x", "max_tokens": 0}), 400)
+        assert_error(c.post("/v1/completions", json={"prompt": "x", "logit_bias": {"x": 1}}), 400)
+        assert_error(c.post("/v1/completions", json={"prompt": [1, 99999]}), 400)
+        long_prompt = "word " * N_SLOT
+        err = assert_error(c.post("/v1/completions", json={"prompt": long_prompt}), 400)
+        assert err["type"] == "exceed_context_size_error"
+        assert str(N_SLOT) in err["message"] and err["n_ctx"] == N_SLOT
+        assert_error(c.get("/no/such/route"), 404, "not_found_error")
+    with server.client(None) as c:
+        assert_error(c.post("/v1/completions", json={"prompt": "x"}), 401, "authentication_error")
+        assert_error(c.post("/tokenize", json={"content": "x"}), 401, "authentication_error")
+    with server.client("wrong-key") as c:
+        assert_error(c.post("/v1/completions", json={"prompt": "x"}), 401, "authentication_error")
+    assert all_slots_idle(server)
+    out = completion(server, "still working", max_tokens=3)
+    assert out["usage"]["completion_tokens"] <= 3
+
+
+def slot_busy(srv: Server) -> bool:
+    with srv.client() as c:
+        return any(s["is_processing"] for s in c.get("/slots").json())
+
+
+LONG = {"prompt": "go on", "max_tokens": N_SLOT - 10, "temperature": 0, "ignore_eos": True}
+
+
+def test_a_disconnected_stream_frees_its_slot(server: Server) -> None:
+    with server.client() as c, c.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as r:
+        lines = r.iter_lines()  # kept open: closing the iterator closes the connection
+        assert next(lines).startswith("data: ")
+        assert slot_busy(server)  # ~1000 tokens to go; then the client leaves
+    assert all_slots_idle(server)
+    assert completion(server, "after", max_tokens=2)["usage"]["completion_tokens"] <= 2
+
+
+def test_a_disconnected_plain_request_frees_its_slot(server: Server) -> None:
+    body = json.dumps(LONG).encode()
+    head = (
+        "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as sock:
+        sock.sendall(head.encode() + body)
+        deadline = time.monotonic() + 10
+        while not slot_busy(server) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert all_slots_idle(server)
+    assert completion(server, "after", max_tokens=2)["usage"]["completion_tokens"] <= 2
+
+
+# ---- shutdown (last: it stops the module's server) --------------------------------------------------
+
+
+def test_zz_terminate_stops_cleanly_and_releases_the_port(server: Server) -> None:
+    server.proc.terminate()
+    assert server.proc.wait(15) == 0
+    deadline = time.monotonic() + 5
+    while not port_is_free(server.port) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert port_is_free(server.port)
