@@ -70,12 +70,12 @@ def time_shape(
     w16 = w32.bfloat16()  # (n, k)
     fast = QuantizedLinear(data, qtype, (n, k), mode="fast")
     ref = QuantizedLinear(data, qtype, (n, k), mode="reference")
-    threshold = fast.int4_max_rows if fast.kernel == "int4" else 0
+    threshold = fast.packed_max_rows if fast.kernel == "int4" else 0
 
     def forced(rows: int, x: torch.Tensor) -> None:
-        fast.int4_max_rows = rows
+        fast.packed_max_rows = rows
         fast(x)
-        fast.int4_max_rows = threshold
+        fast.packed_max_rows = threshold
 
     out = []
     for m in ms:

@@ -26,18 +26,22 @@ def test_forced_choices(monkeypatch: pytest.MonkeyPatch) -> None:
         kernel_choice()
 
 
-@pytest.mark.parametrize("choice", ["avx2", "amx"])
+@pytest.mark.parametrize("choice", ["auto", "avx2", "amx", "native", "generic"])
 def test_prefill_path_of_each_choice_stays_close_to_reference(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, choice: str
 ) -> None:
-    """A 100-token prefill (many-row matmuls, prefill attention) and a Q6_K-like dense layer."""
+    """A 100-token prefill (many-row matmuls, prefill attention), single-token steps, and a dense
+    F16 layer, on each path: torch's int4 kernel or the native kernels, bf16 or fp32 prefill."""
     monkeypatch.setenv("GGUFLM_KERNELS", choice)
     path = make_tiny_model(tmp_path / "m.gguf", "llama", weight_type=T.Q4_1, tensor_types={"ffn_down": T.F16})
     fast = Model.load(path, mode="fast")
     layer = fast.transformer.layers[0]
-    expected = torch.float32 if choice == "avx2" else torch.bfloat16
+    bf16 = has_fast_bf16()
+    assert bf16 == (choice == "amx" or (choice in ("auto", "native") and prefill_dtype() == torch.bfloat16))
+    expected = torch.bfloat16 if bf16 else torch.float32
+    assert layer.gate_up.runs[0].kernel == ("native" if choice in ("avx2", "native", "generic") else "int4")
     assert layer.gate_up.runs[0].input_dtype(100) == expected
-    assert layer.down.runs[0].kernel == ("f32" if choice == "avx2" else "bf16")
+    assert layer.down.runs[0].kernel == ("bf16" if bf16 else "f32")
     assert fast.transformer.attn_dtype_prefill == expected
     tokens = torch.randint(0, 300, (100,), generator=torch.Generator().manual_seed(0)).tolist()
 
@@ -48,3 +52,7 @@ def test_prefill_path_of_each_choice_stays_close_to_reference(
 
     ref = logits(Model.load(path, mode="reference"))
     assert float((logits(fast) - ref).abs().max() / (ref.max() - ref.min())) < 3e-2
+    ctx = Context(fast, n_ctx=128)  # decode steps: one row through the int4 or native kernels
+    for t in tokens[:6]:
+        assert ctx.decode(Batch.from_tokens([t])) == 0
+    assert float((ctx.logits(-1) - ref[5]).abs().max() / (ref.max() - ref.min())) < 3e-2

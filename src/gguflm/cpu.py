@@ -2,8 +2,10 @@
 native bf16 arithmetic (AMX or AVX512-BF16); elsewhere a bf16 matmul is ~5x slower than fp32 (AMD Zen 3:
 512x576 by 576x1536 takes 58 ms in bf16, 12 ms in fp32).
 
-GGUFLM_KERNELS=generic or =avx2 pretend the CPU has no bf16 arithmetic (to test and compare that path
-anywhere); =avx512 or =amx pretend it has; =torch and =auto leave the choice to the CPU's flags.
+GGUFLM_KERNELS picks the path: auto (default) and torch use torch's kernels; native uses the native
+kernels (gguflm.kernels) built for this CPU, avx2 and generic those built for that instruction set,
+both pretending the CPU has no bf16 arithmetic (to test and compare that path anywhere); avx512 and
+amx pretend it has.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-KERNEL_CHOICES = ("auto", "torch", "generic", "avx2", "avx512", "amx")
+KERNEL_CHOICES = ("auto", "torch", "native", "generic", "avx2", "avx512", "amx")
 
 
 @functools.cache
@@ -31,11 +33,17 @@ def cpu_flags() -> frozenset[str]:
 
 
 def kernel_choice() -> str:
-    """GGUFLM_KERNELS, checked: auto (the default), torch, generic, avx2, avx512 or amx."""
+    """GGUFLM_KERNELS, checked: one of KERNEL_CHOICES (default auto)."""
     choice = os.environ.get("GGUFLM_KERNELS", "auto").strip().lower() or "auto"
     if choice not in KERNEL_CHOICES:
         raise ValueError(f"GGUFLM_KERNELS={choice!r}: expected one of {', '.join(KERNEL_CHOICES)}")
     return choice
+
+
+def use_native_kernels() -> bool:
+    """Whether layers run on gguflm.kernels: opt-in (native, avx2, generic) until they keep the
+    engine's batch invariance (a row's result must not depend on what shares the decode step)."""
+    return kernel_choice() in ("native", "avx2", "generic")
 
 
 def has_fast_bf16() -> bool:

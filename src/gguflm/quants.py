@@ -13,7 +13,8 @@ import gguf
 import torch
 import torch.nn.functional as F
 
-from gguflm.cpu import has_fast_bf16, prefill_dtype
+from gguflm import kernels
+from gguflm.cpu import has_fast_bf16, prefill_dtype, use_native_kernels
 
 QT = gguf.GGMLQuantizationType
 QK_K = 256  # elements in a K-quant super-block
@@ -390,7 +391,8 @@ _PACK_CHUNK_ROWS = 1024  # a multiple of 64
 # ---------------------------------------------------------------------------------------------------
 
 MODES = ("fast", "reference")
-KERNELS = ("int4", "bf16", "f32", "dequant")
+KERNELS = ("native", "int4", "bf16", "f32", "dequant")
+NATIVE_MAX_ROWS = 16  # activation rows the native kernels take (decode, parallel decode); more: prefill
 # Formats the fast mode keeps as a bf16 matrix instead of int4 planes: Q6_K's 16-wide groups would need
 # four padded planes (2.5 bytes/weight, no faster than bf16 at 2), F16 converts losslessly enough.
 _BF16_COPY_TYPES = (QT.BF16, QT.F16, QT.Q6_K)
@@ -423,7 +425,7 @@ class QuantizedLinear(torch.nn.Module):
       "int4"  Q4_0/Q4_1/Q4_K as one int4 plane; Q5_0/Q5_1/Q5_K/Q8_0 as two (the 5/8-bit code split into
               nibbles, scales 1 and 16); Q2_K/Q3_K as one plane, each 16-wide group padded to 32. Runs
               torch's int4 CPU kernel (bf16 activations, bf16 scales, fp32 accumulation) for up to
-              `int4_max_rows` activation rows (decode); above that (prefill) each call dequantizes
+              `packed_max_rows` activation rows (decode); above that (prefill) each call dequantizes
               chunks of rows to bf16 and uses bf16 (AMX) matmuls, or to fp32 and fp32 matmuls where the
               CPU has no bf16 arithmetic (gguflm.cpu). Memory: 0.625 byte/weight for Q4_*,
               1.25 for the others, plus the GGUF bytes (memory-mapped) that rows() and prefill read.
@@ -523,7 +525,7 @@ class QuantizedLinear(torch.nn.Module):
             bias = bias.to(self.device, torch.float32)
         self.bias = bias
         self._int4: _Int4Weight | None = None
-        self.int4_max_rows = 0  # activation rows up to which the int4 kernel is used (then deq-bf16)
+        self.packed_max_rows = 0  # rows up to which the native or int4 kernel runs (then dequantized chunks)
         self._weight: torch.Tensor | None = None  # (out, in) bf16 or fp32 for the "bf16"/"f32" kernels
         self._dense_copy: torch.Tensor | None = None  # (out, in) bf16 beside int4: keep_dense_copy
         self.kernel = "dequant" if mode == "reference" else (kernel or self._default_kernel())
@@ -533,7 +535,11 @@ class QuantizedLinear(torch.nn.Module):
             if self.device.type != "cpu" or self.qtype in FLOAT_TYPES:
                 raise ValueError(f"the int4 kernel needs a quantized type on CPU, not {self.qtype.name}")
             self._int4 = _pack_int4(self.qtype, self._parts, k)
-            self.int4_max_rows = _INT4_MAX_ROWS[self.qtype]
+            self.packed_max_rows = _INT4_MAX_ROWS[self.qtype]
+        elif self.kernel == "native":
+            if self.device.type != "cpu" or self.qtype not in kernels.SUPPORTED or kernels.native() is None:
+                raise ValueError(f"no native kernel for {self.qtype.name} on {self.device} here")
+            self.packed_max_rows = NATIVE_MAX_ROWS
         elif self.kernel in ("bf16", "f32"):
             self._weight = self._dense(torch.bfloat16 if self.kernel == "bf16" else torch.float32)
 
@@ -557,7 +563,7 @@ class QuantizedLinear(torch.nn.Module):
         decode in parallel. Always DENSE_ROWS rows (padded): a row's result then does not depend on how
         many rows share the call (the matmul picks its blocking by the row count), so a sequence gets
         the same logits whatever shares its batch."""
-        if self.kernel == "int4" and self._dense_copy is None:
+        if self.kernel in ("int4", "native") and self._dense_copy is None:
             self._dense_copy = self._dense(torch.bfloat16)
 
     def _dense_copy_mm(self, x2: torch.Tensor) -> torch.Tensor:
@@ -575,6 +581,8 @@ class QuantizedLinear(torch.nn.Module):
             return "f32"
         if self.device.type != "cpu":
             return "bf16"
+        if use_native_kernels() and self.qtype in kernels.SUPPORTED and kernels.native() is not None:
+            return "native"
         if self.qtype in _BF16_COPY_TYPES:  # a dense copy: bf16 where the CPU computes in it, else fp32
             return "bf16" if has_fast_bf16() else "f32"
         return "int4"
@@ -601,8 +609,11 @@ class QuantizedLinear(torch.nn.Module):
 
     def input_dtype(self, m: int) -> torch.dtype:
         """The dtype `mm` computes m rows in: act_dtype, except that many rows through a packed weight
-        (prefill) run in bf16 only where the CPU has bf16 arithmetic, else in fp32 (gguflm.cpu)."""
-        if self.kernel == "int4" and m > self.int4_max_rows and self._dense_copy is None:
+        (prefill) run in bf16 only where the CPU has bf16 arithmetic, else in fp32 (gguflm.cpu); a
+        dense bf16 copy (keep_dense_copy) takes bf16."""
+        if self._dense_copy is not None:
+            return torch.bfloat16
+        if self.kernel in ("int4", "native") and m > self.packed_max_rows:
             return prefill_dtype()
         return self.act_dtype
 
@@ -625,7 +636,9 @@ class QuantizedLinear(torch.nn.Module):
             y = x2.new_zeros(0, self.out_features)
         elif self._dense_copy is not None:
             y = self._dense_copy_mm(x2)
-        elif self.kernel == "int4" and m <= self.int4_max_rows:
+        elif self.kernel == "native" and m <= self.packed_max_rows:
+            y = self._native_mm(x2)
+        elif self.kernel == "int4" and m <= self.packed_max_rows:
             y = self._int4_mm(x2)
         elif self._weight is not None:  # "bf16" / "f32": a dense weight
             y = F.linear(x2, self._weight)
@@ -640,6 +653,13 @@ class QuantizedLinear(torch.nn.Module):
         if self.bias is not None:
             return y.float() + self.bias
         return y
+
+    def _native_mm(self, x2: torch.Tensor) -> torch.Tensor:
+        """(M, in) fp32 -> (M, out) fp32 through the native kernels, straight from the GGUF bytes."""
+        x2 = x2.float()
+        if len(self._parts) == 1:
+            return kernels.matmul(x2, self._parts[0][0], self.qtype, self.out_features)
+        return torch.cat([kernels.matmul(x2, raw, self.qtype, n) for raw, n in self._parts], dim=-1)
 
     def _int4_mm(self, xb: torch.Tensor) -> torch.Tensor:
         """(M, in) bf16 -> (M, out) bf16 through the int4 kernel, activations laid out like the planes."""

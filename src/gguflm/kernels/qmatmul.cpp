@@ -1,0 +1,509 @@
+// Quantized matrix products for small batches: y (M, N) fp32 = x (M, K) fp32 @ W^T, W (N, K) kept in
+// its GGUF block format (the raw file bytes: N rows, each K / QK blocks, no repacking).
+//
+// llama.cpp's idea (ggml_vec_dot_*_q8_*): quantize every activation row once, per block of 32, to
+// 8 bits (Q8_0-like: d = max|x| / 127, q = round(x / d)), then per 32-element chunk of a weight row take
+// an integer dot product of the weight codes with the activation codes and scale it in fp32:
+//
+//   y[m, n] += dw * dx[m, b] * sum_i(u_i * qx_i)  +  cw * sx[m, b]        sx = dx * sum_i(qx_i)
+//
+// where u are the weight's codes as stored (unsigned for the 4/5-bit formats), dw their scale and
+// cw the constant part of the block (its min, or -offset * dw for the formats that centre their codes,
+// e.g. Q4_0's value is (u - 8) * d). Q8_0 and Q6_K use signed codes instead (cw = 0).
+//
+// Paths, chosen at compile time from the -march flags of the build (one build per machine / ISA):
+//   AVX512-VNNI (+VL): _mm256_dpbusd_epi32 (u8 x s8 -> s32, four products per lane, no saturation)
+//   AVX2:              _mm256_maddubs_epi16 then _mm256_madd_epi16 with ones (pairs -> s16 -> s32)
+//   otherwise:         plain C++ (same arithmetic, one element at a time)
+// Integer dots are exact; the only approximation against the fp32 reference is the activation
+// quantization (relative error about 1/254 of each block's max |x|).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// ggml type ids (gguf.GGMLQuantizationType)
+constexpr int64_t T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q4_K = 12, T_Q6_K = 14;
+
+inline float f16_to_f32(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+  if (exp == 0x1F) {
+    bits = sign | 0x7F800000u | (man << 13);  // inf / nan
+  } else if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: renormalize
+      int e = -1;
+      do { man <<= 1; ++e; } while (!(man & 0x400));
+      bits = sign | (uint32_t)(127 - 15 - e) << 23 | ((man & 0x3FF) << 13);
+    }
+  } else {
+    bits = sign | (exp + 112) << 23 | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+#endif
+}
+
+// Activations of one tile of rows, quantized per block of 32.
+struct Q8Act {
+  int64_t M = 0, nb = 0;     // rows, blocks of 32 per row
+  std::vector<int8_t> q;     // (M, K) codes in -127..127
+  std::vector<float> d;      // (M, nb) scales
+  std::vector<float> s;      // (M, nb) d * sum of the block's codes
+};
+
+void quantize_rows(const float* x, int64_t M, int64_t K, Q8Act& a) {
+  a.M = M;
+  a.nb = K / 32;
+  a.q.resize(M * K);
+  a.d.resize(M * a.nb);
+  a.s.resize(M * a.nb);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < a.nb; ++b) {
+      const float* xb = x + m * K + b * 32;
+      float amax = 0.f;
+      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
+      const float d = amax / 127.f;
+      const float id = d ? 1.f / d : 0.f;
+      int8_t* qb = a.q.data() + m * K + b * 32;
+      int sum = 0;
+      for (int i = 0; i < 32; ++i) {
+        const int v = (int)std::nearbyint(xb[i] * id);  // round half to even, like ggml's AVX path
+        qb[i] = (int8_t)v;
+        sum += v;
+      }
+      a.d[m * a.nb + b] = d;
+      a.s[m * a.nb + b] = d * (float)sum;
+    }
+  }
+}
+
+// One decoded 32-element chunk of a weight row.
+//   kind UNSIGNED: u in 0..63 (bytes);  value = dw * u + cw
+//   kind SIGNED:   u in -128..127;      value = dw * u            (Q8_0)
+//   kind SIGNED2:  u in -32..31;        value = dw * sc[half] * u (Q6_K: two 16-element sub-blocks)
+enum Kind { UNSIGNED, SIGNED, SIGNED2 };
+
+struct Chunk {
+#if defined(__AVX2__)
+  __m256i u;
+#else
+  int8_t u[32];  // as signed bytes; UNSIGNED codes are < 64 so they fit
+#endif
+  float dw, cw;
+  int16_t sc[2];  // SIGNED2 only
+};
+
+#if defined(__AVX2__)
+// 16 bytes of nibbles -> 32 bytes: low nibbles first (elements 0..15), then high nibbles (16..31).
+inline __m256i nibbles_32(const uint8_t* p) {
+  const __m128i t = _mm_loadu_si128((const __m128i*)p);
+  const __m256i both = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
+  return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+}
+// 4 bytes, bit i = element i -> 32 bytes, 0xFF where the bit is set (llama.cpp's bytes_from_bits_32).
+inline __m256i bits_32(const uint8_t* p) {
+  uint32_t x32;
+  std::memcpy(&x32, p, 4);
+  const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+  __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)x32), shuf);
+  bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+  return _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
+}
+#else
+inline void nibbles_32(const uint8_t* p, int8_t* u) {
+  for (int i = 0; i < 16; ++i) {
+    u[i] = (int8_t)(p[i] & 0x0F);
+    u[i + 16] = (int8_t)(p[i] >> 4);
+  }
+}
+inline void add_bits_32(const uint8_t* p, int8_t* u) {
+  uint32_t x32;
+  std::memcpy(&x32, p, 4);
+  for (int i = 0; i < 32; ++i) u[i] |= (int8_t)(((x32 >> i) & 1) << 4);
+}
+#endif
+
+// ---- block formats: QK elements per block, BYTES per block, decode(block, chunk index, out) ------
+
+// Q8_0: d f16 | qs int8[32]                                        value = d * q
+struct FQ8_0 {
+  static constexpr int QK = 32, BYTES = 34;
+  static constexpr Kind kind = SIGNED;
+  struct Head {};
+  static inline void head(const uint8_t*, Head&) {}
+  static inline void decode(const uint8_t* b, const Head&, int, Chunk& c) {
+    c.dw = f16_to_f32(b);
+    c.cw = 0.f;
+#if defined(__AVX2__)
+    c.u = _mm256_loadu_si256((const __m256i*)(b + 2));
+#else
+    std::memcpy(c.u, b + 2, 32);
+#endif
+  }
+};
+
+// Q4_0: d f16 | qs[16] (element i: low nibble of qs[i], element i+16: high nibble)   value = d * (q - 8)
+struct FQ4_0 {
+  static constexpr int QK = 32, BYTES = 18;
+  static constexpr Kind kind = UNSIGNED;
+  struct Head {};
+  static inline void head(const uint8_t*, Head&) {}
+  static inline void decode(const uint8_t* b, const Head&, int, Chunk& c) {
+    c.dw = f16_to_f32(b);
+    c.cw = -8.f * c.dw;
+#if defined(__AVX2__)
+    c.u = nibbles_32(b + 2);
+#else
+    nibbles_32(b + 2, c.u);
+#endif
+  }
+};
+
+// Q4_1: d f16 | m f16 | qs[16] (as Q4_0)                           value = d * q + m
+struct FQ4_1 {
+  static constexpr int QK = 32, BYTES = 20;
+  static constexpr Kind kind = UNSIGNED;
+  struct Head {};
+  static inline void head(const uint8_t*, Head&) {}
+  static inline void decode(const uint8_t* b, const Head&, int, Chunk& c) {
+    c.dw = f16_to_f32(b);
+    c.cw = f16_to_f32(b + 2);
+#if defined(__AVX2__)
+    c.u = nibbles_32(b + 4);
+#else
+    nibbles_32(b + 4, c.u);
+#endif
+  }
+};
+
+// Q5_0: d f16 | qh u32 (bit i = 5th bit of element i) | qs[16] (as Q4_0)   value = d * (q - 16)
+struct FQ5_0 {
+  static constexpr int QK = 32, BYTES = 22;
+  static constexpr Kind kind = UNSIGNED;
+  struct Head {};
+  static inline void head(const uint8_t*, Head&) {}
+  static inline void decode(const uint8_t* b, const Head&, int, Chunk& c) {
+    c.dw = f16_to_f32(b);
+    c.cw = -16.f * c.dw;
+#if defined(__AVX2__)
+    c.u = _mm256_or_si256(nibbles_32(b + 6), _mm256_and_si256(bits_32(b + 2), _mm256_set1_epi8(0x10)));
+#else
+    nibbles_32(b + 6, c.u);
+    add_bits_32(b + 2, c.u);
+#endif
+  }
+};
+
+// Q5_1: d f16 | m f16 | qh u32 | qs[16] (as Q5_0)                 value = d * q + m
+struct FQ5_1 {
+  static constexpr int QK = 32, BYTES = 24;
+  static constexpr Kind kind = UNSIGNED;
+  struct Head {};
+  static inline void head(const uint8_t*, Head&) {}
+  static inline void decode(const uint8_t* b, const Head&, int, Chunk& c) {
+    c.dw = f16_to_f32(b);
+    c.cw = f16_to_f32(b + 2);
+#if defined(__AVX2__)
+    c.u = _mm256_or_si256(nibbles_32(b + 8), _mm256_and_si256(bits_32(b + 4), _mm256_set1_epi8(0x10)));
+#else
+    nibbles_32(b + 8, c.u);
+    add_bits_32(b + 4, c.u);
+#endif
+  }
+};
+
+// Q4_K, super-block of 256 = 8 sub-blocks of 32:
+//   d f16 | dmin f16 | scales[12] (8 six-bit scales sc, 8 six-bit mins mn, packed) | qs[128]
+//   sub-block j (0..7): bytes qs[32*(j/2) .. +32], low nibbles for even j, high nibbles for odd j
+//   value = d * sc[j] * q - dmin * mn[j]
+struct FQ4_K {
+  static constexpr int QK = 256, BYTES = 144;
+  static constexpr Kind kind = UNSIGNED;
+  struct Head {
+    float dw[8], cw[8];  // per sub-block: d * sc[j], -dmin * mn[j]
+  };
+  static inline void head(const uint8_t* b, Head& h) {
+    const uint8_t* s = b + 4;
+    const float d = f16_to_f32(b), dmin = f16_to_f32(b + 2);
+    for (int j = 0; j < 8; ++j) {
+      int sc, mn;
+      if (j < 4) {
+        sc = s[j] & 63;
+        mn = s[j + 4] & 63;
+      } else {
+        sc = (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4);
+        mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+      }
+      h.dw[j] = d * (float)sc;
+      h.cw[j] = -dmin * (float)mn;
+    }
+  }
+  static inline void decode(const uint8_t* b, const Head& hd, int j, Chunk& c) {
+    c.dw = hd.dw[j];
+    c.cw = hd.cw[j];
+    const uint8_t* q = b + 16 + 32 * (j / 2);
+    const int shift = 4 * (j & 1);
+#if defined(__AVX2__)
+    const __m256i v = _mm256_loadu_si256((const __m256i*)q);
+    c.u = _mm256_and_si256(_mm256_srli_epi16(v, shift), _mm256_set1_epi8(0x0F));
+#else
+    for (int i = 0; i < 32; ++i) c.u[i] = (int8_t)((q[i] >> shift) & 0x0F);
+#endif
+  }
+};
+
+// Q6_K, super-block of 256 = 16 sub-blocks of 16 (two per 32-element chunk):
+//   ql[128] (low 4 bits) | qh[64] (high 2 bits) | scales int8[16] | d f16
+//   chunk j (0..7): half h = j / 4, k = j % 4; element l (0..31) has
+//     low  = (ql[64h + 32*(k%2) + l] >> 4*(k/2)) & 15,  high = (qh[32h + l] >> 2k) & 3
+//   value = d * scales[2j + l/16] * ((low | high << 4) - 32)
+struct FQ6_K {
+  static constexpr int QK = 256, BYTES = 210;
+  static constexpr Kind kind = SIGNED2;
+  struct Head {
+    float d;
+  };
+  static inline void head(const uint8_t* b, Head& hd) { hd.d = f16_to_f32(b + 208); }
+  static inline void decode(const uint8_t* b, const Head& hd, int j, Chunk& c) {
+    const int h = j / 4, k = j % 4;
+    const uint8_t* ql = b + 64 * h + 32 * (k % 2);
+    const uint8_t* qh = b + 128 + 32 * h;
+    const int8_t* sc = (const int8_t*)(b + 192);
+    c.dw = hd.d;
+    c.cw = 0.f;
+    c.sc[0] = sc[2 * j];
+    c.sc[1] = sc[2 * j + 1];
+#if defined(__AVX2__)
+    const __m256i lo = _mm256_and_si256(_mm256_srli_epi16(_mm256_loadu_si256((const __m256i*)ql), 4 * (k / 2)),
+                                        _mm256_set1_epi8(0x0F));
+    const __m256i hi = _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(_mm256_loadu_si256((const __m256i*)qh), 2 * k), 4),
+                                        _mm256_set1_epi8(0x30));
+    c.u = _mm256_sub_epi8(_mm256_or_si256(lo, hi), _mm256_set1_epi8(32));
+#else
+    for (int l = 0; l < 32; ++l) {
+      const int low = (ql[l] >> (4 * (k / 2))) & 15, high = (qh[l] >> (2 * k)) & 3;
+      c.u[l] = (int8_t)((low | (high << 4)) - 32);
+    }
+#endif
+  }
+};
+
+// ---- integer dot of one decoded chunk with 32 activation codes ----------------------------------
+
+#if defined(__AVX2__)
+// u8 x s8 -> 8 int32 lane sums
+inline __m256i dot_us(__m256i u, __m256i x) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, x);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1));
+#endif
+}
+
+// the chunk's scaled dot as 8 fp32 lanes still to be summed (without the cw * sx term)
+template <Kind K>
+inline __m256 chunk_dot(const Chunk& c, __m256i x) {
+  if constexpr (K == UNSIGNED) {
+    return _mm256_cvtepi32_ps(dot_us(c.u, x));
+  } else if constexpr (K == SIGNED) {
+    // |w| * (x with w's sign): u8 x s8 without changing the products (llama.cpp's trick)
+    return _mm256_cvtepi32_ps(dot_us(_mm256_sign_epi8(c.u, c.u), _mm256_sign_epi8(x, c.u)));
+  } else {
+    // 16-bit pair sums, then weighted by the sub-block scale of each half (lanes 0-7 | 8-15)
+    const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(c.u, c.u), _mm256_sign_epi8(x, c.u));
+    const __m256i s = _mm256_set_m128i(_mm_set1_epi16(c.sc[1]), _mm_set1_epi16(c.sc[0]));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, s));
+  }
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#else
+template <Kind K>
+inline float chunk_dot(const Chunk& c, const int8_t* x) {
+  if constexpr (K == SIGNED2) {
+    int s0 = 0, s1 = 0;
+    for (int i = 0; i < 16; ++i) s0 += c.u[i] * x[i];
+    for (int i = 16; i < 32; ++i) s1 += c.u[i] * x[i];
+    return (float)(s0 * c.sc[0] + s1 * c.sc[1]);
+  } else {
+    int s = 0;
+    for (int i = 0; i < 32; ++i) s += c.u[i] * x[i];
+    return (float)s;
+  }
+}
+#endif
+
+// y[m, n] for weight rows n in [n0, n1) and the MT activation rows of `a` starting at m0.
+// MT is a compile-time tile height so the accumulators live in registers; two accumulator sets
+// (even / odd chunks) break the FMA dependency chain.
+template <class F, int MT>
+void rows_kernel(const uint8_t* W, int64_t K, const Q8Act& a, int64_t m0, float* y, int64_t N, int64_t n0,
+                 int64_t n1) {
+  constexpr int CPB = F::QK / 32;  // 32-element chunks per block
+  const int64_t nchunk = K / 32, row_bytes = K / F::QK * F::BYTES, nb = a.nb;
+  const int8_t* xq = a.q.data() + m0 * K;
+  const float* xd = a.d.data() + m0 * nb;
+  const float* xs = a.s.data() + m0 * nb;
+  // two accumulator sets whatever MT is: a row's sum then has the same order in every tile height, so a
+  // row gets bit-identical results whatever else shares the call (the engine's batch invariance)
+  constexpr int NP = 2;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = W + n * row_bytes;
+#if defined(__AVX2__)
+    __m256 acc[2][MT];
+    for (int m = 0; m < MT; ++m) acc[0][m] = acc[1][m] = _mm256_setzero_ps();
+#else
+    float acc[2][MT] = {};
+#endif
+    float lin[2][MT] = {};  // sums of cw * sx (UNSIGNED kinds)
+    auto step = [&](const uint8_t* b, const typename F::Head& h, int64_t c, int p_) __attribute__((always_inline)) {
+      const int p = p_ % NP;
+      Chunk ch;
+      F::decode(b, h, (int)(c % CPB), ch);
+      for (int m = 0; m < MT; ++m) {
+        const float dx = xd[m * nb + c];
+#if defined(__AVX2__)
+        const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + m * K + c * 32));
+        acc[p][m] = _mm256_fmadd_ps(_mm256_set1_ps(ch.dw * dx), chunk_dot<F::kind>(ch, xv), acc[p][m]);
+#else
+        acc[p][m] += ch.dw * dx * chunk_dot<F::kind>(ch, xq + m * K + c * 32);
+#endif
+        if constexpr (F::kind == UNSIGNED) lin[p][m] += ch.cw * xs[m * nb + c];
+      }
+    };
+    if constexpr (CPB == 1) {  // 32-element blocks: take them in pairs (even -> acc[0], odd -> acc[1])
+      const typename F::Head h{};
+      int64_t c = 0;
+      for (; c + 1 < nchunk; c += 2) {
+        step(row + c * F::BYTES, h, c, 0);
+        step(row + (c + 1) * F::BYTES, h, c + 1, 1);
+      }
+      if (c < nchunk) step(row + c * F::BYTES, h, c, 0);
+    } else {  // super-blocks: decode the block's header once, then its CPB chunks
+      for (int64_t blk = 0; blk < nchunk / CPB; ++blk) {
+        const uint8_t* b = row + blk * F::BYTES;
+        typename F::Head h;
+        F::head(b, h);
+#pragma GCC unroll 8
+        for (int j = 0; j < CPB; ++j) step(b, h, blk * CPB + j, j & 1);
+      }
+    }
+    for (int m = 0; m < MT; ++m) {
+#if defined(__AVX2__)
+      y[(m0 + m) * N + n] = hsum(_mm256_add_ps(acc[0][m], acc[1][m])) + (lin[0][m] + lin[1][m]);
+#else
+      y[(m0 + m) * N + n] = (acc[0][m] + acc[1][m]) + (lin[0][m] + lin[1][m]);
+#endif
+    }
+  }
+}
+
+using KernelFn = void (*)(const uint8_t*, int64_t, const Q8Act&, int64_t, float*, int64_t, int64_t, int64_t);
+
+struct Format {
+  int qk, bytes;
+  KernelFn tile[4];  // MT = 1, 2, 4, 8
+};
+
+template <class F>
+Format format_of() {
+  return {F::QK, F::BYTES, {&rows_kernel<F, 1>, &rows_kernel<F, 2>, &rows_kernel<F, 4>, &rows_kernel<F, 8>}};
+}
+
+bool lookup(int64_t qtype, Format& f) {
+  switch (qtype) {
+    case T_Q4_0: f = format_of<FQ4_0>(); return true;
+    case T_Q4_1: f = format_of<FQ4_1>(); return true;
+    case T_Q5_0: f = format_of<FQ5_0>(); return true;
+    case T_Q5_1: f = format_of<FQ5_1>(); return true;
+    case T_Q8_0: f = format_of<FQ8_0>(); return true;
+    case T_Q4_K: f = format_of<FQ4_K>(); return true;
+    case T_Q6_K: f = format_of<FQ6_K>(); return true;
+    default: return false;
+  }
+}
+
+}  // namespace
+
+// x (M, K) fp32, raw: flat uint8 GGUF bytes of W (n_out, K) -> y (M, n_out) fp32
+at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& raw, int64_t qtype, int64_t n_out) {
+  Format f;
+  TORCH_CHECK(lookup(qtype, f), "qmatmul: ggml type ", qtype, " is not supported by the native kernels");
+  TORCH_CHECK(x.device().is_cpu() && raw.device().is_cpu(), "qmatmul: tensors must be on the CPU");
+  TORCH_CHECK(x.dim() == 2, "qmatmul: x must be 2-D (M, K), got ", x.dim(), "-D");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "qmatmul: x must be float32, got ", x.scalar_type());
+  TORCH_CHECK(raw.scalar_type() == at::kByte, "qmatmul: raw must be uint8, got ", raw.scalar_type());
+  TORCH_CHECK(raw.dim() == 1 && raw.is_contiguous(), "qmatmul: raw must be a flat contiguous uint8 tensor");
+  TORCH_CHECK(n_out >= 0, "qmatmul: n_out must be >= 0, got ", n_out);
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(K % f.qk == 0, "qmatmul: K = ", K, " is not a multiple of the block size ", f.qk);
+  const int64_t row_bytes = K / f.qk * f.bytes, need = n_out * row_bytes;
+  TORCH_CHECK(raw.numel() == need, "qmatmul: W (", n_out, ", ", K, ") needs ", need, " bytes, got ", raw.numel());
+
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({M, n_out}, x.options());
+  if (M == 0 || n_out == 0) return y;
+  if (K == 0) return y.zero_();
+  Q8Act a;
+  quantize_rows(xc.data_ptr<float>(), M, K, a);  // once per call, shared by all threads
+  const uint8_t* W = raw.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  // grain: at least ~16 KiB of weights per task, so small layers are not cut into tiny pieces
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_bytes));
+  at::parallel_for(0, n_out, grain, [&](int64_t n0, int64_t n1) {
+    // tiles of 8, 4, 2, 1 activation rows over panels of `grain` weight rows: a panel (~16 KiB) stays
+    // in cache while every tile of activation rows passes over it
+    for (int64_t p0 = n0; p0 < n1; p0 += grain) {
+      const int64_t p1 = std::min(n1, p0 + grain);
+      for (int64_t m0 = 0; m0 < M;) {
+        const int64_t left = M - m0;
+        const int t = left >= 8 ? 3 : left >= 4 ? 2 : left >= 2 ? 1 : 0;
+        f.tile[t](W, K, a, m0, yp, n_out, p0, p1);
+        m0 += int64_t(1) << t;
+      }
+    }
+  });
+  return y;
+}
+
+std::string isa() {
+#if defined(__AVX2__) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return "avx512vnni";
+#elif defined(__AVX2__)
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
+// Registered as torch operators (no pybind11: the build is faster); GGUFLM_NS is the op namespace,
+// unique per build so several builds (paths) can be loaded in one process.
+TORCH_LIBRARY(GGUFLM_NS, m) {
+  m.def("qmatmul(Tensor x, Tensor raw, int qtype, int n_out) -> Tensor", &qmatmul);
+  m.def("isa() -> str", &isa);
+}
