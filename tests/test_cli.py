@@ -217,3 +217,19 @@ def test_bench_bad_threads_or_impossible_context_is_an_error(
 ) -> None:
     code, _, err = run_cli(capsys, "bench", "-p", "8", "-n", "4", "-r", "1", *argv)
     assert code == 1 and err.startswith("error: ") and "Traceback" not in err
+
+
+def test_inspect_system_names_the_paths(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GGUFLM_KERNELS", "avx2")
+    code, out, _ = run_cli(capsys, "inspect", "--system")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].startswith("cpu: ") and "kernels=avx2" in lines[0] and "prefill in float32" in lines[0]
+    assert lines[1].startswith("native kernels: avx2, in use")
+    monkeypatch.setenv("GGUFLM_KERNELS", "torch")
+    code, out, _ = run_cli(capsys, "inspect", "--system")
+    assert code == 0 and "native kernels: none" in out
+    code, _, err = run_cli(capsys, "inspect")
+    assert code == 1 and "give a GGUF file" in err

@@ -240,6 +240,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    if args.system:  # what the fast mode will run on this machine
+        from gguflm import kernels
+        from gguflm.cpu import describe, use_native_kernels
+
+        print(describe())
+        isa = kernels.isa()
+        if isa == "torch":
+            print("native kernels: none (GGUFLM_KERNELS=torch, or no compiler)")
+        elif use_native_kernels():
+            print(f"native kernels: {isa}, in use for products of up to 16 rows")
+        else:
+            print(f"native kernels: {isa} built, not in use (GGUFLM_KERNELS=native uses them)")
+        if args.model_path is None:
+            return 0
+    if args.model_path is None:
+        raise UsageError("give a GGUF file to inspect (or --system)")
     from gguflm.gguf_file import GGUFFile
 
     f = GGUFFile(args.model_path)
@@ -411,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub, common)
 
     p = sub.add_parser("inspect", parents=[common], help="metadata and tensor table of a GGUF file")
-    p.add_argument("model_path")
+    p.add_argument("model_path", nargs="?")
+    p.add_argument("--system", action="store_true", help="the CPU's capability and the kernel paths chosen")
     p.set_defaults(func=cmd_inspect)
     return parser
 
