@@ -56,7 +56,8 @@ def test_teacher_forced_top1_agrees_with_llama_cpp(gemma3: Model) -> None:
 
 
 def test_run_prints_llama_cpps_first_greedy_tokens() -> None:
-    """`gguflm run -m gemma --temp 0` in a real process: the continuation starts as llama.cpp's does."""
+    """`gguflm run -m gemma --temp 0` in a real process: the continuation starts as llama.cpp's does.
+    Four tokens, as for SmolLM2: llama.cpp's own builds for two CPU kinds part after about twelve."""
     case = GREEDY[0]
     argv = [
         "run",
@@ -65,7 +66,7 @@ def test_run_prints_llama_cpps_first_greedy_tokens() -> None:
         "-p",
         case["prompt"],
         "-n",
-        "8",
+        "4",
         "--temp",
         "0",
         "--no-display-prompt",
