@@ -8,7 +8,7 @@ import gguf
 import pytest
 import torch
 
-from gguflm import Batch, Context, Model
+from gguflm import Batch, Context, Model, kernels
 from gguflm.cpu import describe, has_fast_bf16, kernel_choice, prefill_dtype
 from gguflm.writer import make_tiny_model
 
@@ -26,7 +26,7 @@ def test_forced_choices(monkeypatch: pytest.MonkeyPatch) -> None:
         kernel_choice()
 
 
-@pytest.mark.parametrize("choice", ["auto", "avx2", "amx", "native", "generic"])
+@pytest.mark.parametrize("choice", ["auto", "torch", "avx2", "amx", "native", "generic"])
 def test_prefill_path_of_each_choice_stays_close_to_reference(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, choice: str
 ) -> None:
@@ -37,9 +37,13 @@ def test_prefill_path_of_each_choice_stays_close_to_reference(
     fast = Model.load(path, mode="fast")
     layer = fast.transformer.layers[0]
     bf16 = has_fast_bf16()
-    assert bf16 == (choice == "amx" or (choice in ("auto", "native") and prefill_dtype() == torch.bfloat16))
+    assert bf16 == (
+        choice == "amx" or (choice in ("auto", "torch", "native") and prefill_dtype() == torch.bfloat16)
+    )
     expected = torch.bfloat16 if bf16 else torch.float32
-    assert layer.gate_up.runs[0].kernel == ("native" if choice in ("avx2", "native", "generic") else "int4")
+    built = choice != "torch" and kernels.native() is not None
+    assert layer.gate_up.runs[0].kernel == ("native" if built else "int4")
+    assert (fast.transformer.kernels is not None) == built  # decode attention and norms
     assert layer.gate_up.runs[0].input_dtype(100) == expected
     assert layer.down.runs[0].kernel == ("bf16" if bf16 else "f32")
     assert fast.transformer.attn_dtype_prefill == expected

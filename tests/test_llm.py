@@ -19,7 +19,9 @@ from gguflm.model import Model
 FRANCE = reference("greedy.json")["cases"][0]  # " Paris.\n\nThe United States has ..."
 PROMPT = FRANCE["prompt"]
 GREEDY: dict[str, Any] = {"temperature": 0.0}
-USER = [{"role": "user", "content": "What is the capital of France?"}]
+# Germany: SmolLM2's greedy reply to France's question starts at a near tie that llama.cpp takes to
+# "L'Étoile, la Cité, ..."; to this one it answers "The capital of Germany is Berlin." and stops
+USER = [{"role": "user", "content": "What is the capital of Germany?"}]
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +245,7 @@ def test_chat_returns_an_assistant_message(llm: LLM) -> None:
     assert out["object"] == "chat.completion" and out["id"].startswith("chatcmpl-")
     (choice,) = out["choices"]
     assert set(choice) == {"index", "message", "logprobs", "finish_reason"}
-    assert choice["message"]["role"] == "assistant" and "Paris" in choice["message"]["content"]
+    assert choice["message"]["role"] == "assistant" and "Berlin" in choice["message"]["content"]
     prompt = llm.template.render(USER, add_generation_prompt=True)
     assert out["usage"]["prompt_tokens"] == len(llm.tokenize(prompt, special=True))
 

@@ -243,15 +243,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.system:  # what the fast mode will run on this machine
         from gguflm import kernels
         from gguflm.cpu import describe, use_native_kernels
+        from gguflm.models.base import NATIVE_ATTENTION_ROWS
+        from gguflm.quants import NATIVE_MAX_ROWS
 
         print(describe())
         isa = kernels.isa()
         if isa == "torch":
             print("native kernels: none (GGUFLM_KERNELS=torch, or no compiler)")
         elif use_native_kernels():
-            print(f"native kernels: {isa}, in use for products of up to 16 rows")
+            print(
+                f"native kernels: {isa}, in use for products of up to {NATIVE_MAX_ROWS} rows "
+                f"and the attention of sequences of up to {NATIVE_ATTENTION_ROWS} new tokens"
+            )
         else:
-            print(f"native kernels: {isa} built, not in use (GGUFLM_KERNELS=native uses them)")
+            print(f"native kernels: {isa} built, not in use (GGUFLM_KERNELS=torch)")
         if args.model_path is None:
             return 0
     if args.model_path is None:

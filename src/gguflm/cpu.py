@@ -2,10 +2,10 @@
 native bf16 arithmetic (AMX or AVX512-BF16); elsewhere a bf16 matmul is ~5x slower than fp32 (AMD Zen 3:
 512x576 by 576x1536 takes 58 ms in bf16, 12 ms in fp32).
 
-GGUFLM_KERNELS picks the path: auto (default) and torch use torch's kernels; native uses the native
-kernels (gguflm.kernels) built for this CPU, avx2 and generic those built for that instruction set,
-both pretending the CPU has no bf16 arithmetic (to test and compare that path anywhere); avx512 and
-amx pretend it has.
+GGUFLM_KERNELS picks the path: auto (default) uses the native kernels (gguflm.kernels) built for this
+CPU, falling back to torch's where they cannot be built; torch uses torch's only; native is auto that
+says so; avx2 and generic build the native kernels for that instruction set and pretend the CPU has no
+bf16 arithmetic (to test and compare that path anywhere); avx512 and amx pretend it has.
 """
 
 from __future__ import annotations
@@ -41,9 +41,8 @@ def kernel_choice() -> str:
 
 
 def use_native_kernels() -> bool:
-    """Whether layers run on gguflm.kernels: opt-in (native, avx2, generic) until they keep the
-    engine's batch invariance (a row's result must not depend on what shares the decode step)."""
-    return kernel_choice() in ("native", "avx2", "generic")
+    """Whether the fast mode runs on gguflm.kernels where they build: everywhere but GGUFLM_KERNELS=torch."""
+    return kernel_choice() != "torch"
 
 
 def has_fast_bf16() -> bool:

@@ -392,7 +392,10 @@ _PACK_CHUNK_ROWS = 1024  # a multiple of 64
 
 MODES = ("fast", "reference")
 KERNELS = ("native", "int4", "bf16", "f32", "dequant")
-NATIVE_MAX_ROWS = 16  # activation rows the native kernels take (decode, parallel decode); more: prefill
+# Activation rows the native kernels take (decode, parallel decode of up to 64 sequences, whose rows then
+# get the result they get alone); more: prefill. Their cost grows with M like the int4 kernel's
+# (Q4_1 3072x576 on 2 Zen 4 cores: M=1 0.03 ms, M=16 0.18-0.24, M=64 0.87; int4 0.68 at 64).
+NATIVE_MAX_ROWS = 64
 # Formats the fast mode keeps as a bf16 matrix instead of int4 planes: Q6_K's 16-wide groups would need
 # four padded planes (2.5 bytes/weight, no faster than bf16 at 2), F16 converts losslessly enough.
 _BF16_COPY_TYPES = (QT.BF16, QT.F16, QT.Q6_K)
@@ -422,8 +425,13 @@ class QuantizedLinear(torch.nn.Module):
 
     mode="reference": W dequantized exactly to fp32 a chunk of rows at a time on every call, fp32 matmul.
     mode="fast": a kernel per format (attribute `kernel`):
+      "native" (default where gguflm.kernels builds, for the formats in kernels.SUPPORTED) the GGUF
+              bytes used as they are, activations quantized to 8 bits per block, integer dot products
+              (AVX512-VNNI / AVX2), up to NATIVE_MAX_ROWS rows; above that as "int4" does. Parts
+              (fused q/k/v, gate/up) are copied into one buffer at load: one call, no file pages.
       "int4"  Q4_0/Q4_1/Q4_K as one int4 plane; Q5_0/Q5_1/Q5_K/Q8_0 as two (the 5/8-bit code split into
-              nibbles, scales 1 and 16); Q2_K/Q3_K as one plane, each 16-wide group padded to 32. Runs
+              nibbles, scales 1 and 16); Q2_K/Q3_K as one plane, each 16-wide group padded to 32. The fallback
+              where there are no native kernels (GGUFLM_KERNELS=torch, no compiler). Runs
               torch's int4 CPU kernel (bf16 activations, bf16 scales, fp32 accumulation) for up to
               `packed_max_rows` activation rows (decode); above that (prefill) each call dequantizes
               chunks of rows to bf16 and uses bf16 (AMX) matmuls, or to fp32 and fp32 matmuls where the
@@ -538,8 +546,20 @@ class QuantizedLinear(torch.nn.Module):
             self._int4 = _pack_int4(self.qtype, self._parts, k)
             self.packed_max_rows = _INT4_MAX_ROWS[self.qtype]
         elif self.kernel == "native":
-            if self.device.type != "cpu" or self.qtype not in kernels.SUPPORTED or kernels.native() is None:
+            native = kernels.native() if self.device.type == "cpu" else None
+            if native is None or self.qtype not in kernels.SUPPORTED:
                 raise ValueError(f"no native kernel for {self.qtype.name} on {self.device} here")
+            self._qmatmul = native.qmatmul
+            if len(self._parts) > 1:  # parts stacked in one buffer: one call, activations quantized once
+                self._raw = torch.cat([raw for raw, _ in self._parts])
+                # the parts become views of it: the file's pages are not read again (prefill's chunks)
+                ends = torch.tensor([raw.numel() for raw, _ in self._parts]).cumsum(0).tolist()
+                self._parts = [
+                    (self._raw[end - raw.numel() : end], n)
+                    for (raw, n), end in zip(self._parts, ends, strict=True)
+                ]
+            else:
+                self._raw = self._parts[0][0]
             self.packed_max_rows = NATIVE_MAX_ROWS
         elif self.kernel in ("bf16", "f32"):
             self._weight = self._dense(torch.bfloat16 if self.kernel == "bf16" else torch.float32)
@@ -563,8 +583,10 @@ class QuantizedLinear(torch.nn.Module):
         matmul's hardly does, for 2 bytes/weight more memory. For the output matrix when sequences
         decode in parallel. Always DENSE_ROWS rows (padded): a row's result then does not depend on how
         many rows share the call (the matmul picks its blocking by the row count), so a sequence gets
-        the same logits whatever shares its batch."""
-        if self.kernel in ("int4", "native") and self._dense_copy is None:
+        the same logits whatever shares its batch. Not for the native kernels: at 16 rows they are as
+        fast as the copy (49152x576 Q8_0 on 2 Zen 4 cores: 40 vs 44 ms per 16-sequence step) and their
+        logits stay fp32 (bf16 ones tie)."""
+        if self.kernel == "int4" and self._dense_copy is None:
             self._dense_copy = self._dense(torch.bfloat16)
 
     def _dense_copy_mm(self, x2: torch.Tensor) -> torch.Tensor:
@@ -657,10 +679,7 @@ class QuantizedLinear(torch.nn.Module):
 
     def _native_mm(self, x2: torch.Tensor) -> torch.Tensor:
         """(M, in) fp32 -> (M, out) fp32 through the native kernels, straight from the GGUF bytes."""
-        x2 = x2.float()
-        if len(self._parts) == 1:
-            return kernels.matmul(x2, self._parts[0][0], self.qtype, self.out_features)
-        return torch.cat([kernels.matmul(x2, raw, self.qtype, n) for raw, n in self._parts], dim=-1)
+        return self._qmatmul(x2.float(), self._raw, int(self.qtype), self.out_features)
 
     def _int4_mm(self, xb: torch.Tensor) -> torch.Tensor:
         """(M, in) bf16 -> (M, out) bf16 through the int4 kernel, activations laid out like the planes."""

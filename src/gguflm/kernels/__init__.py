@@ -42,7 +42,7 @@ VARIANTS: dict[str, list[str]] = {  # GGUFLM_KERNELS value -> -march flags
     "avx2": ["-march=haswell"],  # AVX2 + FMA + F16C, no AVX512
     "generic": ["-march=x86-64"],  # no AVX2: the plain C++ path
 }
-SOURCES = ("qmatmul.cpp",)
+SOURCES = ("qmatmul.cpp", "attention.cpp", "norm.cpp")
 _CPU_FLAGS = (
     "avx2",
     "fma",
@@ -87,13 +87,17 @@ def _build_key(flags: list[str]) -> str:
 
 
 class NativeKernels:
-    """One build's operators: `qmatmul(x, raw, qtype, n_out)` and `isa()` (registered as torch.ops.<ns>)."""
+    """One build's operators (registered as torch.ops.<ns>): `qmatmul(x, raw, qtype, n_out)`, the decode
+    attention pair `rope_store` and `attend_cells` (attention.cpp), `rms_norm` (norm.cpp) and `isa()`."""
 
     def __init__(self, namespace: str, library: str) -> None:
         self.namespace = namespace
         self.library = library  # path of the shared object
         ops = getattr(torch.ops, namespace)
         self.qmatmul = ops.qmatmul
+        self.rope_store = ops.rope_store
+        self.attend_cells = ops.attend_cells
+        self.rms_norm = ops.rms_norm
         self.isa = ops.isa
 
     def __repr__(self) -> str:
@@ -114,7 +118,7 @@ def build(name: str = "auto") -> NativeKernels:
     if not any(folder.glob(f"{ext}*.so")):
         march_s = " ".join(march)
         print(f"gguflm: compiling native kernels ({name}: {march_s}) into {folder} ...", file=sys.stderr)
-    if not hasattr(torch.ops, ext) or not hasattr(getattr(torch.ops, ext), "qmatmul"):
+    if not hasattr(torch.ops, ext) or not hasattr(getattr(torch.ops, ext), "rms_norm"):
         library = cpp_extension.load(
             name=ext,
             sources=[str(here / s) for s in SOURCES],

@@ -15,14 +15,17 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from gguflm import kernels
 from gguflm.config import ModelArgs
-from gguflm.cpu import prefill_dtype
+from gguflm.cpu import prefill_dtype, use_native_kernels
 from gguflm.gguf_file import GGUFError, GGUFFile, TensorInfo
 from gguflm.kv_cache import KVCache
 from gguflm.models.rope import Rope, neox_head_order, neox_to_pairs, rope_frequencies
 from gguflm.quants import QT, QuantizedLinear, dequantize
 
 PREFILL_ROWS = 64  # micro-batches of at least this many rows count as prefill
+# sequence sets of up to this many rows attend through the native kernel (decode), more through torch's
+NATIVE_ATTENTION_ROWS = 16
 
 # observer(name, layer, tensor): sees a named intermediate (llama.cpp's cb(cur, "attn_norm", il));
 # layer is -1 for tensors outside the layers. Observers must not change the tensor in place.
@@ -166,13 +169,38 @@ class UBatch:
     from_tokens: bool = True  # the input rows are token embeddings (not vectors given by the caller)
     long_context: bool = False  # the context's per-sequence length exceeds the original (LongRoPE)
     _rotations: dict[int, torch.Tensor] = field(default_factory=dict)
+    _cell_sets: dict[int, list[SequenceGroup]] = field(default_factory=dict)
 
     def rotation(self, rope: Rope) -> torch.Tensor:
-        """(T, 1, rope_dim/2): computed once per rope per micro-batch."""
+        """(T, 1, rope_dim/2) complex: computed once per rope per micro-batch."""
         r = self._rotations.get(id(rope))
         if r is None:
             r = self._rotations[id(rope)] = rope.rotation(self.pos)
         return r
+
+    def cell_sets(self, window: int) -> list[SequenceGroup]:
+        """`groups` (or the whole micro-batch as one set over cells 0..n_kv-1) with every mask made
+        explicit, (B, R, C): what the native attention kernel reads. Once per window per micro-batch."""
+        sets = self._cell_sets.get(window)
+        if sets is None:
+            device = self.cells.device
+            if self.groups is None:
+                T, mask = len(self.pos), self.masks[window]
+                if mask is None:  # causal: row i sees cells 0..i
+                    mask = torch.ones(T, self.n_kv, dtype=torch.bool, device=device).tril()
+                everything = torch.arange(self.n_kv, device=device)[None]
+                sets = [SequenceGroup(torch.arange(T, device=device)[None], everything, {window: mask[None]})]
+            else:
+                sets = []
+                for g in self.groups:
+                    mask = g.masks[window]
+                    if mask is None:
+                        (n_sets, n_rows), n_cells = g.rows.shape, g.cells.shape[1]
+                        mask = torch.ones(n_rows, n_cells, dtype=torch.bool, device=device).tril()
+                        mask = mask.expand(n_sets, n_rows, n_cells)
+                    sets.append(SequenceGroup(g.rows, g.cells, {window: mask}))
+            self._cell_sets[window] = sets
+        return sets
 
 
 # ---- attention ----------------------------------------------------------------------------------
@@ -243,6 +271,8 @@ class Transformer:
         # tokens than fp32 (AMX); 5x slower without it
         self.attn_dtype_prefill = prefill_dtype() if w.mode == "fast" else torch.float32
         self.observers: list[Observer] = []
+        # native kernels for the decode attention (and, in QuantizedLinear, the matmuls); None: torch's
+        self.kernels = kernels.native() if w.mode == "fast" and use_native_kernels() else None
         a = args
         self.tok_embd = w.matrix("token_embd", a.n_vocab, a.n_embd)
         # frequency factors: Llama 3.1's rope_freqs; LongRoPE's (Phi-3) short ones, and long ones for
@@ -329,6 +359,8 @@ class Transformer:
 
     def norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """RMSNorm over the last dim."""
+        if self.kernels is not None and x.dim() == 2 and x.dtype == torch.float32:
+            return self.kernels.rms_norm(x, weight, self.args.norm_eps)
         return F.rms_norm(x, (x.shape[-1],), weight, self.args.norm_eps)
 
     def observe(self, name: str, il: int, x: torch.Tensor) -> torch.Tensor:
@@ -345,26 +377,62 @@ class Transformer:
 
     def attention(self, at: Attention, h: torch.Tensor, il: int, ub: UBatch) -> torch.Tensor:
         """h (T, n_embd) normed -> (T, n_head head_dim): q/k/v, q/k norms, rope, KV cache write, attention
-        over the cells each row may see (before the output projection)."""
+        over the cells each row may see (before the output projection).
+
+        With native kernels (fast mode), q/k norms, rope and the cache write are one call, and sequence
+        sets of at most NATIVE_ATTENTION_ROWS rows (decode) attend in another, each row computed alone;
+        larger sets (prefill) go through torch's fused attention."""
         a = self.args
         T, hd = h.shape[0], a.head_dim
         n_head, n_head_kv = a.n_head, a.n_head_kv
         qkv = at.qkv(h).float()  # (T, (n_head + 2 n_head_kv) hd)
-        qk = qkv[:, : (n_head + n_head_kv) * hd].view(T, n_head + n_head_kv, hd)
-        v = qkv[:, (n_head + n_head_kv) * hd :].view(T, n_head_kv, hd)  # (T, n_head_kv, hd)
-        if at.q_norm is not None and at.k_norm is not None:
-            qk = torch.cat(
-                (self.norm(qk[:, :n_head], at.q_norm), self.norm(qk[:, n_head:], at.k_norm)), dim=1
-            )
         rope = self.rope_of(at, ub.long_context)
-        qk = rope(qk, ub.rotation(rope))  # (T, n_head + n_head_kv, hd)
-        k_new = qk[:, n_head:]  # (T, n_head_kv, hd)
         kv = ub.kv
-        if kv.k.dtype != torch.float32:
-            k_new, v = k_new.to(kv.k.dtype), v.to(kv.k.dtype)
-        kv.k[il].index_copy_(0, ub.cells, k_new)
-        kv.v[il].index_copy_(0, ub.cells, v)
-        q = qk[:, :n_head].transpose(0, 1)  # (n_head, T, hd)
+        native = self.kernels if kv.k.dtype == torch.float32 else None
+        if native is not None:
+            rotation = torch.view_as_real(ub.rotation(rope)).view(T, -1, 2)  # (T, rope_dim/2, 2)
+            q = native.rope_store(
+                qkv, rotation, at.q_norm, at.k_norm, a.norm_eps, kv.k[il], kv.v[il], ub.cells, n_head
+            )  # (T, n_head, hd)
+            sets = ub.cell_sets(at.window)
+            if all(s.rows.shape[1] <= NATIVE_ATTENTION_ROWS for s in sets):
+                out = torch.empty_like(q)
+                for s in sets:
+                    native.attend_cells(
+                        q,
+                        kv.k[il],
+                        kv.v[il],
+                        s.rows,
+                        s.cells,
+                        s.masks[at.window],
+                        a.attn_scale,
+                        a.attn_softcap,
+                        out,
+                    )
+                return out.view(T, n_head * hd)
+            q = q.transpose(0, 1)  # (n_head, T, hd)
+        else:
+            qk = qkv[:, : (n_head + n_head_kv) * hd].view(T, n_head + n_head_kv, hd)
+            v = qkv[:, (n_head + n_head_kv) * hd :].view(T, n_head_kv, hd)  # (T, n_head_kv, hd)
+            if at.q_norm is not None and at.k_norm is not None:
+                qk = torch.cat(
+                    (self.norm(qk[:, :n_head], at.q_norm), self.norm(qk[:, n_head:], at.k_norm)), dim=1
+                )
+            qk = rope(qk, ub.rotation(rope))  # (T, n_head + n_head_kv, hd)
+            k_new = qk[:, n_head:]  # (T, n_head_kv, hd)
+            if kv.k.dtype != torch.float32:
+                k_new, v = k_new.to(kv.k.dtype), v.to(kv.k.dtype)
+            kv.k[il].index_copy_(0, ub.cells, k_new)
+            kv.v[il].index_copy_(0, ub.cells, v)
+            q = qk[:, :n_head].transpose(0, 1)  # (n_head, T, hd)
+        return self.attend_torch(q, at, il, ub)
+
+    def attend_torch(self, q: torch.Tensor, at: Attention, il: int, ub: UBatch) -> torch.Tensor:
+        """q (n_head, T, hd) rope'd, the micro-batch's keys and values in the cache -> (T, n_head hd)
+        through torch's fused attention, each sequence set alone (ub.groups) or all rows at once."""
+        a = self.args
+        (n_head, T, hd), n_head_kv = q.shape, a.n_head_kv
+        kv = ub.kv
         cached_k, cached_v = kv.k[il, : ub.n_kv], kv.v[il, : ub.n_kv]  # (n_kv, n_head_kv, hd)
         if T >= PREFILL_ROWS:
             q = q.to(self.attn_dtype_prefill)
@@ -388,7 +456,7 @@ class Transformer:
             k_g = cached_k.index_select(0, g_cells).view(n_sets, n_cells, n_head_kv, hd).transpose(1, 2)
             v_g = cached_v.index_select(0, g_cells).view(n_sets, n_cells, n_head_kv, hd).transpose(1, 2)
             o = attend(q_g, k_g, v_g, g.masks[at.window], scale, softcap)  # (B, n_head, R, hd)
-            out[:, g_rows] = o.transpose(0, 1).reshape(n_head, n_sets * n_rows, hd)
+            out[:, g_rows] = o.transpose(0, 1).reshape(n_head, n_sets * n_rows, hd).to(out.dtype)
         return out.transpose(0, 1).reshape(T, n_head * hd)
 
     # -- the engine's entry points --

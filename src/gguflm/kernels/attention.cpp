@@ -1,0 +1,197 @@
+// Attention of a few rows (decode, parallel decode) over the KV cache, in two calls per layer:
+//
+//   rope_store:   q/k RMSNorm per head (optional), rope, write k and v into the cache -> q
+//   attend_cells: each query row against the cells it may see -> its output
+//
+// Why native: in Python this is ~20 small tensor ops per layer, each costing more in dispatch than in
+// arithmetic; and torch's fused attention does not give a row the same sums when it shares the call
+// with other rows (B = 2 differs from B = 1 in the last bits), which breaks the engine's promise that a
+// sequence samples the same tokens whatever shares its batch. Here every (row, head) is one task whose
+// arithmetic depends only on that row's query and the cells it sees, in the order given (the caller
+// passes each sequence set's cells in position order), never on the other rows or masked cells.
+//
+// Layouts (all fp32, contiguous):
+//   qkv      (T, (n_head + 2 n_head_kv) hd)  the fused projection: q heads, k heads, v heads
+//   rot      (T, rd/2, 2)                    mscale (cos, sin) of each rope pair at the row's position
+//   k_cache  (n_ctx, n_head_kv, hd)          one layer of the KV cache, written in place
+//   q        (T, n_head, hd)
+// Rope pairs are adjacent elements (2j, 2j+1) of the first rd of each head (NEOX models permute their
+// q/k weight rows into this order at load).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int LANES = 16;
+
+// sum a[i] b[i] in LANES independent partial sums (vectorized by the compiler, same order every call)
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc[LANES] = {};
+  int64_t i = 0;
+  for (; i + LANES <= n; i += LANES)
+    for (int l = 0; l < LANES; ++l) acc[l] += a[i + l] * b[i + l];
+  float s = 0.f;
+  for (; i < n; ++i) s += a[i] * b[i];
+  for (int l = 0; l < LANES; ++l) s += acc[l];
+  return s;
+}
+
+// x (n) <- x * w / sqrt(mean(x^2) + eps)
+inline void rms_norm_inplace(float* x, const float* w, int64_t n, float eps) {
+  float acc[LANES] = {};
+  int64_t i = 0;
+  for (; i + LANES <= n; i += LANES)
+    for (int l = 0; l < LANES; ++l) acc[l] += x[i + l] * x[i + l];
+  float s = 0.f;
+  for (; i < n; ++i) s += x[i] * x[i];
+  for (int l = 0; l < LANES; ++l) s += acc[l];
+  const float r = 1.f / std::sqrt(s / float(n) + eps);
+  for (int64_t j = 0; j < n; ++j) x[j] = x[j] * r * w[j];
+}
+
+inline void rope_inplace(float* x, const float* rot, int64_t rd) {
+  for (int64_t j = 0; j < rd / 2; ++j) {
+    const float a = x[2 * j], b = x[2 * j + 1], c = rot[2 * j], s = rot[2 * j + 1];
+    x[2 * j] = a * c - b * s;
+    x[2 * j + 1] = a * s + b * c;
+  }
+}
+
+void check_f32(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == dim, name, " must be ", dim, "-D, got ", t.dim(), "-D");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+}  // namespace
+
+// -> q (T, n_head, hd); k, v of each row written to k_cache[cells[t]], v_cache[cells[t]]
+at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& rot, const c10::optional<at::Tensor>& q_norm,
+                      const c10::optional<at::Tensor>& k_norm, double eps, at::Tensor k_cache, at::Tensor v_cache,
+                      const at::Tensor& cells, int64_t n_head) {
+  check_f32(qkv, "qkv", 2);
+  check_f32(rot, "rot", 3);
+  check_f32(k_cache, "k_cache", 3);
+  check_f32(v_cache, "v_cache", 3);
+  TORCH_CHECK(cells.scalar_type() == at::kLong && cells.dim() == 1, "cells must be 1-D int64");
+  const int64_t T = qkv.size(0), n_ctx = k_cache.size(0), n_kv = k_cache.size(1), hd = k_cache.size(2);
+  const int64_t rd = rot.size(1) * 2;
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have k_cache's shape");
+  TORCH_CHECK(qkv.size(1) == (n_head + 2 * n_kv) * hd, "qkv has ", qkv.size(1), " columns, expected ",
+              (n_head + 2 * n_kv) * hd);
+  TORCH_CHECK(rot.size(0) == T && rot.size(2) == 2 && rd <= hd, "rot must be (T, rd/2, 2) with rd <= head_dim");
+  TORCH_CHECK(cells.size(0) == T, "cells must have one entry per row");
+  const bool norm = q_norm.has_value();
+  TORCH_CHECK(norm == k_norm.has_value(), "q_norm and k_norm come together");
+  if (norm) {
+    check_f32(*q_norm, "q_norm", 1);
+    check_f32(*k_norm, "k_norm", 1);
+    TORCH_CHECK(q_norm->size(0) == hd && k_norm->size(0) == hd, "q_norm and k_norm must have head_dim entries");
+  }
+  const at::Tensor cc = cells.contiguous();
+  const int64_t* cp = cc.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(cp[t] >= 0 && cp[t] < n_ctx, "cell ", cp[t], " is outside the cache");
+
+  at::Tensor q = at::empty({T, n_head, hd}, qkv.options());
+  const float *src = qkv.data_ptr<float>(), *rp = rot.data_ptr<float>();
+  const float* qn = norm ? q_norm->data_ptr<float>() : nullptr;
+  const float* kn = norm ? k_norm->data_ptr<float>() : nullptr;
+  float *qp = q.data_ptr<float>(), *kp = k_cache.data_ptr<float>(), *vp = v_cache.data_ptr<float>();
+  const int64_t width = (n_head + 2 * n_kv) * hd, heads = n_head + n_kv;
+  at::parallel_for(0, T * heads, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = i / heads, h = i % heads;
+      const float* in = src + t * width + h * hd;
+      float* out = h < n_head ? qp + (t * n_head + h) * hd : kp + (cp[t] * n_kv + (h - n_head)) * hd;
+      std::copy(in, in + hd, out);
+      if (norm) rms_norm_inplace(out, h < n_head ? qn : kn, hd, float(eps));
+      rope_inplace(out, rp + t * rd, rd);
+      if (h >= n_head) {  // this k head's v head
+        const float* v_in = src + t * width + (n_head + n_kv + (h - n_head)) * hd;
+        std::copy(v_in, v_in + hd, vp + (cp[t] * n_kv + (h - n_head)) * hd);
+      }
+    }
+  });
+  return q;
+}
+
+// q (T, n_head, hd), caches (n_ctx, n_head_kv, hd); rows (B, R) rows of q, cells (B, C) cache cells of each
+// set in position order, mask (B, R, C) true = may attend -> out (T, n_head, hd): the rows in `rows` are
+// overwritten, the others left as they are (a micro-batch's sets fill one output, one call per set shape).
+void attend_cells(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& rows,
+                  const at::Tensor& cells, const at::Tensor& mask, double scale, double softcap, at::Tensor out) {
+  check_f32(q, "q", 3);
+  check_f32(k_cache, "k_cache", 3);
+  check_f32(v_cache, "v_cache", 3);
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 2, "rows must be (B, R) int64");
+  TORCH_CHECK(cells.scalar_type() == at::kLong && cells.dim() == 2, "cells must be (B, C) int64");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 3, "mask must be (B, R, C) bool");
+  const int64_t T = q.size(0), n_head = q.size(1), hd = q.size(2);
+  const int64_t n_ctx = k_cache.size(0), n_kv = k_cache.size(1);
+  const int64_t B = rows.size(0), R = rows.size(1), C = cells.size(1);
+  TORCH_CHECK(k_cache.size(2) == hd && v_cache.sizes() == k_cache.sizes(), "caches must be (n_ctx, n_head_kv, head_dim)");
+  TORCH_CHECK(n_kv > 0 && n_head % n_kv == 0, "n_head (", n_head, ") must be a multiple of n_head_kv (", n_kv, ")");
+  TORCH_CHECK(cells.size(0) == B && mask.size(0) == B && mask.size(1) == R && mask.size(2) == C,
+              "mask must be (B, R, C) for rows (B, R) and cells (B, C)");
+  check_f32(out, "out", 3);
+  TORCH_CHECK(out.sizes() == q.sizes(), "out must have q's shape");
+  const at::Tensor rc = rows.contiguous(), cc = cells.contiguous(), mc = mask.contiguous();
+  const int64_t *rp = rc.data_ptr<int64_t>(), *cp = cc.data_ptr<int64_t>();
+  const bool* mp = mc.data_ptr<bool>();
+  for (int64_t i = 0; i < B * R; ++i) TORCH_CHECK(rp[i] >= 0 && rp[i] < T, "row ", rp[i], " is outside q");
+  for (int64_t i = 0; i < B * C; ++i) TORCH_CHECK(cp[i] >= 0 && cp[i] < n_ctx, "cell ", cp[i], " is outside the cache");
+
+  const float *qp = q.data_ptr<float>(), *kp = k_cache.data_ptr<float>(), *vp = v_cache.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t group = n_head / n_kv;
+  const float sc = float(scale), cap = float(softcap);
+  at::parallel_for(0, B * R * n_head, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> score(C);
+    std::vector<int64_t> seen(C);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t br = i / n_head, h = i % n_head, b = br / R, t = rp[br], hk = h / group;
+      const float* qv = qp + (t * n_head + h) * hd;
+      const bool* m = mp + br * C;
+      int64_t n = 0;
+      float best = -INFINITY;
+      for (int64_t c = 0; c < C; ++c) {
+        if (!m[c]) continue;
+        const int64_t cell = cp[b * C + c];
+        float s = dot(qv, kp + (cell * n_kv + hk) * hd, hd) * sc;
+        if (cap > 0.f) s = std::tanh(s / cap) * cap;
+        seen[n] = cell;
+        score[n++] = s;
+        best = std::max(best, s);
+      }
+      float* o = op + (t * n_head + h) * hd;
+      std::fill(o, o + hd, 0.f);
+      if (n == 0) continue;  // sees nothing: zeros
+      float total = 0.f;
+      for (int64_t j = 0; j < n; ++j) total += (score[j] = std::exp(score[j] - best));
+      for (int64_t j = 0; j < n; ++j) {
+        const float p = score[j] / total;
+        const float* vv = vp + (seen[j] * n_kv + hk) * hd;
+        for (int64_t d = 0; d < hd; ++d) o[d] += p * vv[d];
+      }
+    }
+  });
+}
+
+TORCH_LIBRARY_FRAGMENT(GGUFLM_NS, m) {
+  m.def(
+      "rope_store(Tensor qkv, Tensor rot, Tensor? q_norm, Tensor? k_norm, float eps, Tensor(a!) k_cache, "
+      "Tensor(b!) v_cache, Tensor cells, int n_head) -> Tensor",
+      &rope_store);
+  m.def(
+      "attend_cells(Tensor q, Tensor k_cache, Tensor v_cache, Tensor rows, Tensor cells, Tensor mask, "
+      "float scale, float softcap, Tensor(a!) out) -> ()",
+      &attend_cells);
+}
