@@ -265,3 +265,150 @@ def test_a_rows_result_does_not_depend_on_what_shares_the_call(path: str, qtype:
         for start in range(0, 16 - rows + 1, 3):
             part = mod.qmatmul(x[start : start + rows].contiguous(), raw, int(qtype), n)
             assert torch.equal(part, full[start : start + rows]), (rows, start)
+
+
+# ---- decode attention and RMSNorm (attention.cpp, norm.cpp) against float64 torch -----------------
+
+
+def _attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cells: list[int], mask: list[bool], softcap: float
+) -> torch.Tensor:
+    """One row q (n_head, hd) against cache cells (n_ctx, n_kv, hd), in float64 -> (n_head, hd)."""
+    n_head, hd = q.shape
+    group = n_head // k.shape[1]
+    seen = torch.tensor([c for c, m in zip(cells, mask, strict=True) if m], dtype=torch.long)
+    if not len(seen):
+        return torch.zeros(n_head, hd, dtype=torch.float64)
+    keys = k[seen].double().repeat_interleave(group, dim=1)  # (n, n_head, hd)
+    values = v[seen].double().repeat_interleave(group, dim=1)
+    scores = torch.einsum("hd,nhd->hn", q.double(), keys) / hd**0.5  # (n_head, n)
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    return torch.einsum("hn,nhd->hd", scores.softmax(dim=-1), values)
+
+
+@pytest.mark.parametrize("path", _paths())
+@pytest.mark.parametrize("softcap", [0.0, 20.0])
+def test_attend_cells_matches_float64_attention(path: str, softcap: float) -> None:
+    """Two sets of three rows over 20 cells each (shuffled cache cells), grouped KV heads, random masks
+    with a fully masked row; rows outside the sets are left as they were."""
+    mod = _module(path)
+    g = torch.Generator().manual_seed(3)
+    T, n_head, n_kv, hd, n_ctx = 8, 6, 2, 64, 48
+    q = torch.randn(T, n_head, hd, generator=g)
+    k, v = torch.randn(n_ctx, n_kv, hd, generator=g), torch.randn(n_ctx, n_kv, hd, generator=g)
+    rows = torch.tensor([[0, 2, 4], [7, 1, 3]])
+    cells = torch.randperm(n_ctx, generator=g)[:40].view(2, 20)
+    mask = torch.rand(2, 3, 20, generator=g) < 0.6
+    mask[1, 2] = False  # sees nothing: zeros
+    out = torch.full((T, n_head, hd), 7.0)
+    mod.attend_cells(q, k, v, rows, cells, mask, hd**-0.5, softcap, out)
+    for b in range(2):
+        for r in range(3):
+            want = _attention_reference(q[rows[b, r]], k, v, cells[b].tolist(), mask[b, r].tolist(), softcap)
+            torch.testing.assert_close(out[rows[b, r]].double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[[5, 6]], torch.full((2, n_head, hd), 7.0))  # not in any set: untouched
+    assert torch.equal(out[3], torch.zeros(n_head, hd))
+
+
+@pytest.mark.parametrize("path", _paths())
+def test_a_rows_attention_does_not_depend_on_its_set_or_masked_cells(path: str) -> None:
+    """Bit-identical: a row alone, the same row among others (a parallel decode step), and the same row
+    over a longer cell list whose extra cells it may not see."""
+    mod = _module(path)
+    g = torch.Generator().manual_seed(4)
+    n_head, n_kv, hd, n_ctx = 9, 3, 64, 300
+    q = torch.randn(4, n_head, hd, generator=g)
+    k, v = torch.randn(n_ctx, n_kv, hd, generator=g), torch.randn(n_ctx, n_kv, hd, generator=g)
+    cells = torch.arange(0, 250)
+    visible = torch.rand(250, generator=g) < 0.8
+
+    def attend(rows: list[int], cell_ids: torch.Tensor, row_mask: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(4, n_head, hd)
+        mask = row_mask.expand(1, len(rows), len(cell_ids)).contiguous()
+        mod.attend_cells(q, k, v, torch.tensor([rows]), cell_ids[None], mask, 0.125, 0.0, out)
+        return out
+
+    alone = attend([2], cells, visible)[2]
+    assert torch.equal(attend([0, 1, 2, 3], cells, visible)[2], alone)
+    extra = torch.cat((cells, torch.arange(250, 300)))
+    assert torch.equal(attend([2], extra, torch.cat((visible, torch.zeros(50, dtype=torch.bool))))[2], alone)
+
+
+def _rope_reference(x: torch.Tensor, pos: torch.Tensor, theta: torch.Tensor, rd: int) -> torch.Tensor:
+    """x (T, heads, hd) with adjacent pairs of the first rd dims rotated by pos * theta, float64."""
+    x = x.double().clone()
+    angle = pos.double()[:, None, None] * theta.double()  # (T, 1, rd/2)
+    a, b = x[..., 0:rd:2].clone(), x[..., 1:rd:2].clone()
+    x[..., 0:rd:2] = a * angle.cos() - b * angle.sin()
+    x[..., 1:rd:2] = a * angle.sin() + b * angle.cos()
+    return x
+
+
+@pytest.mark.parametrize("path", _paths())
+@pytest.mark.parametrize(("rd", "norms"), [(64, False), (32, False), (64, True)])
+def test_rope_store_matches_float64(path: str, rd: int, norms: bool) -> None:
+    """q/k RMSNorm per head (Qwen 3, Gemma 3), rope over all or part of a head (partial rotary), and k, v
+    written to the given cells; no other cell changes."""
+    from gguflm.models.rope import Rope
+
+    mod = _module(path)
+    g = torch.Generator().manual_seed(5)
+    T, n_head, n_kv, hd, n_ctx = 5, 4, 2, 64, 16
+    qkv = torch.randn(T, (n_head + 2 * n_kv) * hd, generator=g)
+    pos = torch.tensor([3, 4, 9, 0, 100])
+    theta = 10000.0 ** (-torch.arange(0, rd, 2).double() / rd)
+    rope = Rope(theta.float(), 1.0, rd, torch.device("cpu"))
+    rotation = torch.view_as_real(rope.rotation(pos)).view(T, rd // 2, 2)
+    q_norm = k_norm = None
+    if norms:
+        q_norm, k_norm = torch.rand(hd, generator=g) + 0.5, torch.rand(hd, generator=g) + 0.5
+    k_cache, v_cache = torch.full((n_ctx, n_kv, hd), 3.0), torch.full((n_ctx, n_kv, hd), 3.0)
+    cells = torch.tensor([7, 2, 11, 0, 5])
+    q = mod.rope_store(qkv, rotation, q_norm, k_norm, 1e-6, k_cache, v_cache, cells, n_head)
+
+    heads = qkv.double().view(T, n_head + 2 * n_kv, hd)
+    want_q, want_k, want_v = heads[:, :n_head], heads[:, n_head : n_head + n_kv], heads[:, n_head + n_kv :]
+    if q_norm is not None and k_norm is not None:
+        want_q = torch.nn.functional.rms_norm(want_q, (hd,), q_norm.double(), 1e-6)
+        want_k = torch.nn.functional.rms_norm(want_k, (hd,), k_norm.double(), 1e-6)
+    torch.testing.assert_close(q.double(), _rope_reference(want_q, pos, theta, rd), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        k_cache[cells].double(), _rope_reference(want_k, pos, theta, rd), rtol=1e-5, atol=1e-4
+    )
+    assert torch.equal(v_cache[cells], want_v.float())
+    others = torch.tensor([c for c in range(n_ctx) if c not in cells.tolist()])
+    assert (k_cache[others] == 3.0).all() and (v_cache[others] == 3.0).all()
+
+
+@pytest.mark.parametrize("path", _paths())
+@pytest.mark.parametrize("n", [576, 640, 17])
+def test_rms_norm_matches_float64_and_rows_are_independent(path: str, n: int) -> None:
+    mod = _module(path)
+    g = torch.Generator().manual_seed(6)
+    x, w = torch.randn(9, n, generator=g) * 3, torch.randn(n, generator=g)
+    y = mod.rms_norm(x, w, 1e-5)
+    want = torch.nn.functional.rms_norm(x.double(), (n,), w.double(), 1e-5)
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(mod.rms_norm(x[4:5].contiguous(), w, 1e-5), y[4:5])
+
+
+def test_attention_kernels_refuse_bad_inputs() -> None:
+    mod = _module("auto")
+    q, k, v = torch.randn(2, 4, 8), torch.randn(10, 2, 8), torch.randn(10, 2, 8)
+    out = torch.zeros(2, 4, 8)
+    rows, mask = torch.tensor([[0, 1]]), torch.ones(1, 2, 3, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        mod.attend_cells(q, k, v, rows, torch.tensor([[0, 1, 10]]), mask, 1.0, 0.0, out)
+    with pytest.raises(RuntimeError, match="outside q"):
+        mod.attend_cells(q, k, v, torch.tensor([[0, 2]]), torch.tensor([[0, 1, 2]]), mask, 1.0, 0.0, out)
+    with pytest.raises(RuntimeError, match="multiple of n_head_kv"):
+        mod.attend_cells(
+            torch.randn(2, 3, 8), k, v, rows, torch.tensor([[0, 1, 2]]), mask, 1.0, 0.0, torch.zeros(2, 3, 8)
+        )
+    with pytest.raises(RuntimeError, match="float32"):
+        mod.rms_norm(torch.randn(2, 8, dtype=torch.float64), torch.randn(8), 1e-5)
+    qkv, rot = torch.randn(1, 64), torch.randn(1, 4, 2)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        mod.rope_store(qkv, rot, None, None, 1e-5, k, v, torch.tensor([10]), 4)
+    assert (k.isfinite().all() and v.isfinite().all()) and out.eq(0).all()  # nothing written on refusal
