@@ -267,7 +267,7 @@ def test_a_rows_result_does_not_depend_on_what_shares_the_call(path: str, qtype:
             assert torch.equal(part, full[start : start + rows]), (rows, start)
 
 
-# ---- decode attention and RMSNorm (attention.cpp, norm.cpp) against float64 torch -----------------
+# ---- decode attention, RMSNorm and gated activations (attention.cpp, rowwise.cpp) against float64 torch -----------------
 
 
 def _attention_reference(
@@ -412,3 +412,14 @@ def test_attention_kernels_refuse_bad_inputs() -> None:
     with pytest.raises(RuntimeError, match="outside the cache"):
         mod.rope_store(qkv, rot, None, None, 1e-5, k, v, torch.tensor([10]), 4)
     assert (k.isfinite().all() and v.isfinite().all()) and out.eq(0).all()  # nothing written on refusal
+
+
+@pytest.mark.parametrize("path", _paths())
+@pytest.mark.parametrize("gelu", [False, True])
+def test_gated_activation_matches_float64(path: str, gelu: bool) -> None:
+    """SwiGLU / GeGLU: act(gate) * up for gate_up = [gate | up], large and small values alike."""
+    mod = _module(path)
+    gate_up = torch.randn(7, 2 * 1536, generator=torch.Generator().manual_seed(8)) * 4
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    act = torch.nn.functional.gelu(gate, approximate="tanh") if gelu else torch.nn.functional.silu(gate)
+    torch.testing.assert_close(mod.gated(gate_up, gelu).double(), act * up, rtol=1e-5, atol=1e-5)

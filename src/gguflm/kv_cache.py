@@ -58,6 +58,8 @@ class KVCache:
             raise MemoryError(
                 f"cannot allocate a KV cache of {n_ctx} cells ({size / 2**30:.1f} GiB): use a smaller context"
             ) from e
+        # each layer's (k, v) views, (n_ctx, n_head_kv, head_dim): indexed once, not per decode step
+        self.layers = list(zip(self.k.unbind(0), self.v.unbind(0), strict=True))
         self.pos = np.full(n_ctx, -1, dtype=np.int64)  # -1: empty cell
         self.seq = np.zeros((n_ctx, n_seq_max), dtype=bool)  # seq[c, s]: cell c belongs to sequence s
 

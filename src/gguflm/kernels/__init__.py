@@ -42,7 +42,7 @@ VARIANTS: dict[str, list[str]] = {  # GGUFLM_KERNELS value -> -march flags
     "avx2": ["-march=haswell"],  # AVX2 + FMA + F16C, no AVX512
     "generic": ["-march=x86-64"],  # no AVX2: the plain C++ path
 }
-SOURCES = ("qmatmul.cpp", "attention.cpp", "norm.cpp")
+SOURCES = ("qmatmul.cpp", "attention.cpp", "rowwise.cpp")
 _CPU_FLAGS = (
     "avx2",
     "fma",
@@ -88,7 +88,7 @@ def _build_key(flags: list[str]) -> str:
 
 class NativeKernels:
     """One build's operators (registered as torch.ops.<ns>): `qmatmul(x, raw, qtype, n_out)`, the decode
-    attention pair `rope_store` and `attend_cells` (attention.cpp), `rms_norm` (norm.cpp) and `isa()`."""
+    attention pair `rope_store` and `attend_cells` (attention.cpp), `rms_norm` and `gated` (rowwise.cpp), and `isa()`."""
 
     def __init__(self, namespace: str, library: str) -> None:
         self.namespace = namespace
@@ -98,6 +98,7 @@ class NativeKernels:
         self.rope_store = ops.rope_store
         self.attend_cells = ops.attend_cells
         self.rms_norm = ops.rms_norm
+        self.gated = ops.gated
         self.isa = ops.isa
 
     def __repr__(self) -> str:
@@ -118,7 +119,7 @@ def build(name: str = "auto") -> NativeKernels:
     if not any(folder.glob(f"{ext}*.so")):
         march_s = " ".join(march)
         print(f"gguflm: compiling native kernels ({name}: {march_s}) into {folder} ...", file=sys.stderr)
-    if not hasattr(torch.ops, ext) or not hasattr(getattr(torch.ops, ext), "rms_norm"):
+    if not hasattr(torch.ops, ext) or not hasattr(getattr(torch.ops, ext), "gated"):
         library = cpp_extension.load(
             name=ext,
             sources=[str(here / s) for s in SOURCES],

@@ -178,6 +178,14 @@ class UBatch:
             r = self._rotations[id(rope)] = rope.rotation(self.pos)
         return r
 
+    def rotation_pairs(self, rope: Rope) -> torch.Tensor:
+        """(T, rope_dim/2, 2) float32: rotation() as (cos, sin) pairs, what the native kernel reads."""
+        key = -1 - id(rope)
+        r = self._rotations.get(key)
+        if r is None:
+            r = self._rotations[key] = torch.view_as_real(self.rotation(rope)).view(len(self.pos), -1, 2)
+        return r
+
     def cell_sets(self, window: int) -> list[SequenceGroup]:
         """`groups` (or the whole micro-batch as one set over cells 0..n_kv-1) with every mask made
         explicit, (B, R, C): what the native attention kernel reads. Once per window per micro-batch."""
@@ -363,6 +371,18 @@ class Transformer:
             return self.kernels.rms_norm(x, weight, self.args.norm_eps)
         return F.rms_norm(x, (x.shape[-1],), weight, self.args.norm_eps)
 
+    def gated_ffn(
+        self, gate_up: Linear, down: Linear, h: torch.Tensor, *, gelu: bool = False
+    ) -> torch.Tensor:
+        """(T, n_embd) -> (T, n_embd) float32: down(act(gate h) * up h), gate being gate_up's first half;
+        act SiLU (SwiGLU) or tanh-approximated GELU (GeGLU, Gemma)."""
+        both = gate_up(h).float()  # (T, 2 n_ff)
+        if self.kernels is not None:
+            return down(self.kernels.gated(both, gelu)).float()
+        gate, up = both.chunk(2, dim=-1)  # (T, n_ff) each
+        act = F.gelu(gate, approximate="tanh") if gelu else F.silu(gate)
+        return down(act * up).float()
+
     def observe(self, name: str, il: int, x: torch.Tensor) -> torch.Tensor:
         """A named point in the forward: observers see x; returns x unchanged."""
         for observer in self.observers:
@@ -390,24 +410,18 @@ class Transformer:
         kv = ub.kv
         native = self.kernels if kv.k.dtype == torch.float32 else None
         if native is not None:
-            rotation = torch.view_as_real(ub.rotation(rope)).view(T, -1, 2)  # (T, rope_dim/2, 2)
+            keys, values = kv.layers[il]  # (n_ctx, n_head_kv, hd)
+            rotation = ub.rotation_pairs(rope)
             q = native.rope_store(
-                qkv, rotation, at.q_norm, at.k_norm, a.norm_eps, kv.k[il], kv.v[il], ub.cells, n_head
+                qkv, rotation, at.q_norm, at.k_norm, a.norm_eps, keys, values, ub.cells, n_head
             )  # (T, n_head, hd)
             sets = ub.cell_sets(at.window)
             if all(s.rows.shape[1] <= NATIVE_ATTENTION_ROWS for s in sets):
                 out = torch.empty_like(q)
                 for s in sets:
+                    mask = s.masks[at.window]
                     native.attend_cells(
-                        q,
-                        kv.k[il],
-                        kv.v[il],
-                        s.rows,
-                        s.cells,
-                        s.masks[at.window],
-                        a.attn_scale,
-                        a.attn_softcap,
-                        out,
+                        q, keys, values, s.rows, s.cells, mask, a.attn_scale, a.attn_softcap, out
                     )
                 return out.view(T, n_head * hd)
             q = q.transpose(0, 1)  # (n_head, T, hd)

@@ -13,7 +13,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from gguf import Keys
 
 from gguflm.config import ModelArgs
@@ -83,8 +82,7 @@ class Gemma3(Transformer):
         )
         x = self.observe("ffn_inp", il, x + attn)
         h = self.observe("ffn_norm", il, self.norm(x, layer.ffn_norm))
-        gate, up = layer.gate_up(h).chunk(2, dim=-1)  # (T, n_ff) each
-        ffn = layer.down(F.gelu(gate, approximate="tanh") * up).float()
+        ffn = self.gated_ffn(layer.gate_up, layer.down, h, gelu=True)
         return x + self.observe("ffn_post_norm", il, self.norm(ffn, layer.ffn_post_norm))
 
 

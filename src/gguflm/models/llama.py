@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from gguflm.models.base import Attention, Linear, Transformer, UBatch, Weights
 
@@ -31,12 +30,6 @@ def load_swiglu(w: Weights, i: int, n_embd: int, n_ff: int) -> tuple[Linear, Lin
     )
 
 
-def swiglu(gate_up: Linear, down: Linear, h: torch.Tensor) -> torch.Tensor:
-    """(T, n_embd) -> (T, n_embd): down(silu(gate h) * up h), gate being the first half."""
-    gate, up = gate_up(h).chunk(2, dim=-1)  # (T, n_ff) each
-    return down(F.silu(gate) * up)
-
-
 class Llama(Transformer):
     def load_layer(self, w: Weights, i: int) -> LlamaLayer:
         a = self.args
@@ -55,7 +48,7 @@ class Llama(Transformer):
         attn, x = self.keep_outputs(il, ub, attn, x)
         x = self.observe("ffn_inp", il, x + layer.attn.wo(attn))
         h = self.observe("ffn_norm", il, self.norm(x, layer.ffn_norm))
-        return x + swiglu(layer.gate_up, layer.down, h)
+        return x + self.gated_ffn(layer.gate_up, layer.down, h)
 
 
 class Qwen2(Llama):
