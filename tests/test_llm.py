@@ -335,7 +335,8 @@ def recorded_logits(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> list[torch.Ten
 
 def test_completion_logprobs_are_log_softmax_of_the_logits(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
     seen = recorded_logits(llm, monkeypatch)
-    out = llm.complete(PROMPT, max_tokens=6, logprobs=3, temperature=0.7, seed=3)
+    no_end = dict.fromkeys(llm.tokenizer.eog_ids, float("-inf"))  # six tokens whatever the sampler draws
+    out = llm.complete(PROMPT, max_tokens=6, logprobs=3, temperature=0.7, seed=3, logit_bias=no_end)
     lp = out["choices"][0]["logprobs"]
     assert set(lp) == {"tokens", "text_offset", "token_logprobs", "top_logprobs"}
     assert (

@@ -57,34 +57,55 @@ class Server:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=KEY, timeout=TIMEOUT, max_retries=0)
 
 
-@pytest.fixture(scope="module")
-def server(tiny_llama_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def start_server(model: Path, log_dir: Path, *args: str) -> Server:
     port = free_port()
-    log = (tmp_path_factory.mktemp("serve") / "server.log").open("wb")
-    cmd = [sys.executable, "-m", "gguflm", "serve", "-m", str(tiny_llama_path), "--port", str(port)]
-    cmd += ["-np", str(N_PARALLEL), "-c", str(N_CTX), "--api-key", KEY, "--embeddings"]
-    cmd += ["-a", "tiny", "--chunk", "16"]  # small chunks: prompts are read over several steps
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    log = log_dir / "server.log"
+    cmd = [sys.executable, "-m", "gguflm", "serve", "-m", str(model), "--port", str(port), *args]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     srv = Server(proc, port)
     deadline = time.monotonic() + 60
     with srv.client(None) as c:
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"the server exited with {proc.returncode}: {Path(log.name).read_text()}")
+                pytest.fail(f"the server exited with {proc.returncode}: {log.read_text()}")
             try:
                 if c.get("/health", timeout=2).status_code == 200:
-                    break
+                    return srv
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
                 proc.kill()
                 pytest.fail("the server did not become healthy in 60 s")
             time.sleep(0.1)
+
+
+def stop_server(srv: Server) -> None:
+    if srv.proc.poll() is None:
+        srv.proc.kill()
+        srv.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    args = ["-np", str(N_PARALLEL), "-c", str(N_CTX), "--api-key", KEY, "--embeddings", "-a", "tiny"]
+    args += ["--chunk", "16"]  # small chunks: prompts are read over several steps
+    srv = start_server(tiny_llama_path, tmp_path_factory.mktemp("serve"), *args)
     yield srv
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(10)
-    log.close()
+    stop_server(srv)
+
+
+SMALL_TIMEOUT, SMALL_BODY = 5, 4096
+
+
+@pytest.fixture(scope="module")
+def small(tiny_llama_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One slot with a long context, one waiting request at most, a short timeout, small bodies."""
+    args = ["-np", "1", "-c", "16384", "--api-key", KEY, "-a", "tiny", "--max-queue", "1"]
+    args += ["--timeout", str(SMALL_TIMEOUT), "--max-body-bytes", str(SMALL_BODY)]
+    srv = start_server(tiny_llama_path, tmp_path_factory.mktemp("small"), *args)
+    yield srv
+    stop_server(srv)
 
 
 def completion(srv: Server, prompt: str, **extra: object) -> dict:
@@ -342,6 +363,145 @@ def test_a_disconnected_plain_request_frees_its_slot(server: Server) -> None:
             time.sleep(0.01)
     assert all_slots_idle(server)
     assert completion(server, "after", max_tokens=2)["usage"]["completion_tokens"] <= 2
+
+
+# ---- prefix reuse -----------------------------------------------------------------------------------
+
+
+def chat(srv: Server, messages: list[dict], **extra: object) -> dict:
+    with srv.client() as c:
+        r = c.post("/v1/chat/completions", json={"messages": messages, "temperature": 0, **extra})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_next_chat_turn_reuses_the_cache_and_replies_as_a_fresh_server(server: Server, small: Server) -> None:
+    first = [{"role": "user", "content": "Tell me about the weather in the mountains today."}]
+    one = chat(server, first, max_tokens=8, ignore_eos=True)
+    reply = one["choices"][0]["message"]["content"]
+    turn = [*first, {"role": "assistant", "content": reply}, {"role": "user", "content": "And tomorrow?"}]
+    two = chat(server, turn, max_tokens=8, ignore_eos=True)
+    cached = two["usage"]["prompt_tokens_details"]["cached_tokens"]
+    # the first turn's prompt is reused (but for its last tokens, which may tokenize otherwise
+    # once the reply follows them)
+    assert one["usage"]["prompt_tokens"] - 2 <= cached < two["usage"]["prompt_tokens"]
+    assert two["timings"]["cache_n"] == cached
+    assert two["timings"]["prompt_n"] == two["usage"]["prompt_tokens"] - cached
+    again = chat(server, turn, max_tokens=8, ignore_eos=True)  # the same request: all but one token
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == two["usage"]["prompt_tokens"] - 1
+    fresh = chat(small, turn, max_tokens=8, ignore_eos=True, cache_prompt=False)
+    assert fresh["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    text = fresh["choices"][0]["message"]["content"]
+    assert two["choices"][0]["message"]["content"] == text
+    assert again["choices"][0]["message"]["content"] == text
+
+
+def test_a_request_goes_to_the_slot_holding_its_prefix(server: Server) -> None:
+    """Two conversations alternate over 4 slots: each next turn finds its own first turn cached."""
+    starts = [
+        [{"role": "user", "content": "Conversation A is about apples and their many colours."}],
+        [{"role": "user", "content": "Conversation B is about boats, rivers and the sea."}],
+    ]
+    firsts = [chat(server, m, max_tokens=4, ignore_eos=True) for m in starts]
+    for messages, first in zip(starts, firsts, strict=True):
+        turn = [*messages, {"role": "assistant", "content": first["choices"][0]["message"]["content"]}]
+        turn.append({"role": "user", "content": "More, please."})
+        out = chat(server, turn, max_tokens=2)
+        assert out["usage"]["prompt_tokens_details"]["cached_tokens"] >= first["usage"]["prompt_tokens"] - 2
+
+
+# ---- llama-server's native routes ---------------------------------------------------------------------
+
+
+def native(srv: Server, **body: object) -> dict:
+    with srv.client() as c:
+        r = c.post("/completion", json={"temperature": 0, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_native_completion_fields_and_tokens(server: Server) -> None:
+    prompt = "The quick brown fox"
+    with server.client() as c:
+        prompt_ids = c.post("/tokenize", json={"content": prompt, "add_special": True}).json()["tokens"]
+    out = native(server, prompt=prompt, n_predict=7, ignore_eos=True, return_tokens=True)
+    assert out["stop"] is True and out["stop_type"] == "limit" and out["stopping_word"] == ""
+    assert out["tokens_predicted"] == 7 == len(out["tokens"])
+    assert out["tokens_evaluated"] == len(prompt_ids)
+    assert out["prompt"] == prompt and out["model"] == "tiny"
+    # the text is exactly the detokenized ids; the slot holds the prompt and all but the last token
+    with server.client() as c:
+        assert c.post("/detokenize", json={"tokens": out["tokens"]}).json()["content"] == out["content"]
+    assert out["tokens_cached"] == len(prompt_ids) + 7 - 1
+    t = out["timings"]
+    assert t["predicted_n"] == 7 and t["prompt_n"] + t["cache_n"] == len(prompt_ids)
+    # the same prompt as token ids, and as OpenAI's completion, give the same text
+    by_ids = native(server, prompt=prompt_ids, n_predict=7, ignore_eos=True)
+    assert by_ids["content"] == out["content"]
+    assert by_ids["timings"]["cache_n"] == len(prompt_ids) - 1  # all but the last token reused
+    no_cache = native(server, prompt=prompt_ids, n_predict=7, ignore_eos=True, cache_prompt=False)
+    assert no_cache["timings"]["cache_n"] == 0 and no_cache["content"] == out["content"]
+    oai = completion(server, prompt, max_tokens=7, ignore_eos=True)
+    assert oai["choices"][0]["text"] == out["content"]
+
+
+def test_native_stream_and_stop_word(server: Server) -> None:
+    full = native(server, prompt="One two", n_predict=12, ignore_eos=True)
+    body = {"prompt": "One two", "n_predict": 12, "ignore_eos": True, "temperature": 0, "stream": True}
+    with server.client() as c, c.stream("POST", "/completion", json=body) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line]
+    assert all(not e["stop"] for e in events[:-1]) and events[-1]["stop"] is True
+    assert "".join(e["content"] for e in events) == full["content"]
+    assert events[-1]["tokens_predicted"] == 12
+    if len(full["content"]) < 4:
+        pytest.skip("the tiny model's text is too short to cut")
+    word = full["content"][2:4]
+    cut = native(server, prompt="One two", n_predict=12, ignore_eos=True, stop=[word])
+    assert cut["stop_type"] == "word" and cut["stopping_word"] == word
+    assert cut["content"] == full["content"][: full["content"].find(word)]
+
+
+def test_apply_template_props_and_slots(server: Server, tiny_llama_path: Path) -> None:
+    from gguflm.chat import ChatTemplate
+    from gguflm.gguf_file import GGUFFile
+
+    metadata = GGUFFile(tiny_llama_path).metadata
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    with server.client() as c:
+        rendered = c.post("/apply-template", json={"messages": messages}).json()["prompt"]
+        props = c.get("/props").json()
+        slots = c.get("/slots").json()
+        assert_error(c.post("/apply-template", json={"messages": []}), 400)
+    assert rendered == ChatTemplate.from_metadata(metadata).render(messages, add_generation_prompt=True)
+    assert props["total_slots"] == N_PARALLEL
+    assert props["default_generation_settings"]["n_ctx"] == N_SLOT
+    assert props["chat_template"] == metadata["tokenizer.chat_template"]
+    assert [s["id"] for s in slots] == list(range(N_PARALLEL))
+    assert all(s["n_ctx"] == N_SLOT and not s["is_processing"] for s in slots)
+
+
+def metrics(srv: Server) -> dict[str, float]:
+    with srv.client() as c:
+        text = c.get("/metrics").text
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.split()
+            values[name.removeprefix("llamacpp:")] = float(value)
+    return values
+
+
+def test_metrics_count_the_tokens_of_a_request(server: Server) -> None:
+    before = metrics(server)
+    out = completion(server, "Counting tokens for the metrics", max_tokens=9, ignore_eos=True)
+    after = metrics(server)
+    usage = out["usage"]
+    assert after["tokens_predicted_total"] - before["tokens_predicted_total"] == 9
+    decoded = usage["prompt_tokens"] - usage["prompt_tokens_details"]["cached_tokens"]
+    assert after["prompt_tokens_total"] - before["prompt_tokens_total"] == decoded
+    assert after["n_decode_total"] - before["n_decode_total"] >= 9  # one decode per generated token at least
+    assert after["requests_processing"] == 0 and after["requests_deferred"] == 0
+    assert after["predicted_tokens_seconds"] > 0
 
 
 # ---- shutdown (last: it stops the module's server) --------------------------------------------------

@@ -46,6 +46,36 @@ def add_serve_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (not on /health, /v1/models)")
     p.add_argument("--embeddings", action="store_true", help="enable /v1/embeddings")
     p.add_argument(
+        "--chat-template", help="a built-in template name, a Jinja file or Jinja text (default: the GGUF's)"
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="seconds a generation request may run before it is cancelled: 408, or an error event "
+        "that ends a stream (default 600; 0: no limit)",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=1 << 20,
+        help="larger request bodies get 413 (default 1 MiB; 0: no limit)",
+    )
+    p.add_argument(
+        "-sps",
+        "--slot-prompt-similarity",
+        type=float,
+        default=0.5,
+        help="reuse the free slot sharing the longest prefix with a prompt when that prefix is more "
+        "than this part of the prompt; else take the least recently used slot (default 0.5)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="requests that may wait for a slot; more get 503 with Retry-After (default 256; 0: no limit)",
+    )
+    p.add_argument(
         "--mode", choices=MODES, default="fast", help="fast: packed quantized kernels; reference: fp32"
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -79,6 +109,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"-np/--parallel must be at least 1, got {args.parallel}")
     if args.ctx_size < 0:
         raise ValueError(f"-c/--ctx-size must be >= 0, got {args.ctx_size}")
+    if args.timeout < 0:
+        raise ValueError(f"--timeout must be >= 0, got {args.timeout}")
+    if args.max_body_bytes < 0:
+        raise ValueError(f"--max-body-bytes must be >= 0, got {args.max_body_bytes}")
+    if args.max_queue < 0:
+        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
     path = Path(args.model) if args.model else default_model_path()
     t0 = time.perf_counter()
     model = Model.load(path, mode=args.mode, device=args.device)
@@ -92,9 +128,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         embeddings=args.embeddings,
         pooling=_pooling(model),
         threads=args.threads,
+        max_queue=args.max_queue,
+        similarity=args.slot_prompt_similarity,
     )
     config = ServerConfig(
-        alias=args.alias or model.path.name, api_key=args.api_key, embeddings=args.embeddings
+        alias=args.alias or model.path.name,
+        api_key=args.api_key,
+        embeddings=args.embeddings,
+        chat_template=args.chat_template,
+        timeout=args.timeout,
+        max_body_bytes=args.max_body_bytes,
     )
     app = build_app(engine, config)
     engine.start()
