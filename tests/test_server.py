@@ -95,7 +95,7 @@ def server(tiny_llama_path: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     stop_server(srv)
 
 
-SMALL_TIMEOUT, SMALL_BODY = 5, 4096
+SMALL_TIMEOUT, SMALL_BODY = 3, 4096
 
 
 @pytest.fixture(scope="module")
@@ -502,6 +502,117 @@ def test_metrics_count_the_tokens_of_a_request(server: Server) -> None:
     assert after["n_decode_total"] - before["n_decode_total"] >= 9  # one decode per generated token at least
     assert after["requests_processing"] == 0 and after["requests_deferred"] == 0
     assert after["predicted_tokens_seconds"] > 0
+
+
+# ---- choices, logprobs, formats ----------------------------------------------------------------------
+
+
+def test_n_choices_streamed_and_not(server: Server) -> None:
+    body = {"prompt": "Two answers", "max_tokens": 6, "ignore_eos": True, "n": 2}
+    greedy = completion(server, **body)
+    assert [c["index"] for c in greedy["choices"]] == [0, 1]
+    assert greedy["choices"][0]["text"] == greedy["choices"][1]["text"]  # temperature 0
+    assert greedy["usage"]["completion_tokens"] == 12
+    seeded = {**body, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": 11}
+    plain = completion(server, **seeded)
+    with server.client() as c, c.stream("POST", "/v1/completions", json={**seeded, "stream": True}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line and line != "data: [DONE]"]
+    texts = ["", ""]
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            texts[choice["index"]] += choice["text"]
+    assert texts == [c["text"] for c in plain["choices"]]
+    finished = [c["choices"][0]["index"] for c in chunks if c["choices"][0]["finish_reason"]]
+    assert sorted(finished) == [0, 1]
+
+
+def test_chat_logprobs_match_the_library(server: Server, tiny_llama_path: Path) -> None:
+    """The served logprobs equal those gguflm.LLM computes in this process for the same chat."""
+    from gguflm.llm import LLM
+
+    messages = [{"role": "user", "content": "Log probabilities, please."}]
+    out = chat(server, messages, max_tokens=5, ignore_eos=True, logprobs=True, top_logprobs=3)
+    llm = LLM(tiny_llama_path, n_ctx=N_SLOT)
+    ban = dict.fromkeys(llm.tokenizer.eog_ids, float("-inf"))
+    ref = llm.chat(messages, max_tokens=5, temperature=0, logprobs=True, top_logprobs=3, logit_bias=ban)
+    got = out["choices"][0]["logprobs"]["content"]
+    want = ref["choices"][0]["logprobs"]["content"]  # type: ignore[index]
+    assert [e["token"] for e in got] == [e["token"] for e in want]
+    for g, w in zip(got, want, strict=True):
+        assert g["logprob"] == pytest.approx(w["logprob"], abs=1e-3)
+        assert g["bytes"] == list(g["token"].encode())
+        assert [t["token"] for t in g["top_logprobs"]] == [t["token"] for t in w["top_logprobs"]]
+        assert g["top_logprobs"][0]["token"] == g["token"]  # greedy: the chosen token is the likeliest
+    with server.client() as c:
+        body = {"messages": messages, "max_tokens": 2, "top_logprobs": 2}
+        assert_error(c.post("/v1/chat/completions", json=body), 400)  # top_logprobs needs logprobs
+        body = {**body, "logprobs": True, "top_logprobs": 99}
+        assert_error(c.post("/v1/chat/completions", json=body), 400)
+
+
+def test_completion_logprobs_cover_the_text(server: Server) -> None:
+    out = completion(server, "Offsets", max_tokens=6, ignore_eos=True, logprobs=2)
+    lp = out["choices"][0]["logprobs"]
+    assert "".join(lp["tokens"]) == out["choices"][0]["text"]
+    assert lp["text_offset"] == [len("".join(lp["tokens"][:i])) for i in range(6)]
+    for token, value, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=True):
+        assert value <= 0 and top[token] == value and max(top.values()) == value
+
+
+def test_response_format_json_schema(server: Server) -> None:
+    schema = {"type": "string", "enum": ["yes", "no"]}
+    rf = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    out = chat(server, [{"role": "user", "content": "yes or no?"}], max_tokens=20, response_format=rf)
+    assert out["choices"][0]["finish_reason"] == "stop"
+    assert json.loads(out["choices"][0]["message"]["content"]) in ("yes", "no")
+    native_out = native(server, prompt="x", n_predict=20, json_schema=schema)
+    assert json.loads(native_out["content"]) in ("yes", "no")
+    with server.client() as c:
+        bad = {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}
+        assert_error(c.post("/v1/chat/completions", json=bad), 400)
+
+
+# ---- limits: body size, timeout, queue --------------------------------------------------------------
+
+
+def test_oversized_body_gets_413(small: Server) -> None:
+    with small.client() as c:
+        assert_error(c.post("/v1/completions", json={"prompt": "x" * SMALL_BODY}), 413)
+        chunked = c.post("/v1/completions", content=iter([b'{"prompt": "', b"x" * SMALL_BODY, b'"}']))
+        assert_error(chunked, 413)
+    out = completion(small, "fits", max_tokens=2)
+    assert out["usage"]["completion_tokens"] <= 2
+
+
+def test_a_request_past_the_timeout_gets_408_and_frees_its_slot(small: Server) -> None:
+    body = {"prompt": "forever", "max_tokens": 16000, "ignore_eos": True, "temperature": 0}
+    t0 = time.monotonic()
+    with small.client() as c:
+        r = c.post("/v1/completions", json=body)
+    assert_error(r, 408, "timeout_error")
+    assert SMALL_TIMEOUT - 0.5 < time.monotonic() - t0 < SMALL_TIMEOUT + 10
+    assert all_slots_idle(small)
+
+
+def test_a_full_queue_answers_503_with_retry_after(small: Server) -> None:
+    long = {"prompt": "busy", "max_tokens": 16000, "ignore_eos": True, "temperature": 0, "stream": True}
+    with small.client() as a, a.stream("POST", "/v1/completions", json=long) as ra:
+        lines = ra.iter_lines()  # kept: closing the iterator closes the connection
+        assert next(lines).startswith("data: ")  # A holds the only slot
+        with small.client() as b, b.stream("POST", "/v1/completions", json=long):
+            deadline = time.monotonic() + 10
+            while metrics(small)["requests_deferred"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert metrics(small)["requests_deferred"] == 1  # B waits
+            with small.client() as c:
+                r = c.post("/v1/completions", json={"prompt": "c", "max_tokens": 2})
+            assert_error(r, 503, "unavailable_error")
+            assert int(r.headers["retry-after"]) >= 1
+    assert all_slots_idle(small)
+    deadline = time.monotonic() + 5
+    while metrics(small)["requests_deferred"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert completion(small, "after", max_tokens=2)["usage"]["completion_tokens"] <= 2
 
 
 # ---- shutdown (last: it stops the module's server) --------------------------------------------------
