@@ -534,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     if "system_info" in llama:
         print(f"llama.cpp measured: llama-cpp-python {llama['llama_cpp_version']}, {llama['system_info']}")
     if "gguflm" in results and "mode" in results["gguflm"]:
-        print(f"gguflm mode: {results['gguflm']['mode']}")
+        print(f"gguflm mode: {results['gguflm']['mode']}; {results['gguflm'].get('cpu', 'kernel path not reported')}")
     if Path(model).name == REFERENCE_MODEL:
         print("llama.cpp reference on this model (shared/reference/README.md, llama-bench -t 2):")
         for kind, ref in REFERENCE.items():

@@ -61,10 +61,15 @@ def prefill_dtype() -> torch.dtype:
 
 
 def describe() -> str:
-    """One line for `gguflm bench`: the CPU's capability and the prefill dtype chosen."""
+    """One line for `gguflm bench`: the CPU's capability, the kernel path that runs (building the
+    native kernels if they are not yet) and the prefill dtype chosen."""
+    from gguflm import kernels  # gguflm.kernels reads this module's flags
+
     flags = cpu_flags()
     isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
+    path = kernels.isa() if use_native_kernels() else "torch"
     return (
         f"cpu: {torch.backends.cpu.get_cpu_capability()} ({' '.join(isa) or 'no SIMD flags read'}), "
-        f"kernels={kernel_choice()}, prefill in {str(prefill_dtype()).removeprefix('torch.')}"
+        f"kernels={kernel_choice()} ({'native ' + path if path != 'torch' else 'torch int4'} decode), "
+        f"prefill in {str(prefill_dtype()).removeprefix('torch.')}"
     )
