@@ -23,7 +23,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal, overload
 
@@ -32,7 +32,16 @@ import torch
 from gguflm.batch import Batch
 from gguflm.chat import ChatTemplate
 from gguflm.context import DECODE_OK, Context
-from gguflm.generate import DecodeError, embed
+from gguflm.generate import (
+    DecodeError,
+    Generation,
+    GenToken,
+    Piece,
+    chat_logprobs,
+    common_prefix,
+    completion_logprobs,
+    embed,
+)
 from gguflm.model import Model
 from gguflm.paths import default_model_path
 from gguflm.sampling import DEFAULT_SEED, Sampler, SamplerParams, log_softmax, top_logprobs
@@ -49,60 +58,11 @@ FinishReason = Literal["stop", "length"]
 
 
 @dataclass
-class _Token:
-    """One generated (or echoed prompt) token, with where its text sits in the returned text."""
-
-    id: int
-    start: int  # offset of its text in the completion text (characters)
-    text: str  # the text it added (may be "" while a UTF-8 character is incomplete)
-    logprob: float | None = None
-    top: list[tuple[int, float]] = field(default_factory=list)
-
-    @property
-    def end(self) -> int:
-        return self.start + len(self.text)
-
-
-@dataclass
-class _Piece:
-    """A stretch of returned text and the tokens whose text it completes."""
-
-    text: str
-    tokens: list[_Token]
-
-
-@dataclass
 class _Outcome:
     """Filled in by the generation loop: why it ended and how many tokens it produced."""
 
     finish_reason: FinishReason = "length"
     n_generated: int = 0
-
-
-def _find_stop(text: str, stops: Sequence[str], start: int) -> int | None:
-    """Where the earliest stop string begins in text[start:], or None."""
-    hits = [i for s in stops if (i := text.find(s, start)) >= 0]
-    return min(hits) if hits else None
-
-
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest end of `text` that could still grow into a stop string."""
-    held = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), held, -1):
-            if text.endswith(s[:k]):
-                held = k
-                break
-    return held
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading tokens a and b share."""
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 def _stop_list(stop: str | Sequence[str] | None) -> list[str]:
@@ -394,7 +354,7 @@ class LLM:
         head: dict[str, Any],
         prompt_text: str,
         echo: bool,
-        echo_tokens: list[_Token] | None,
+        echo_tokens: list[GenToken] | None,
     ) -> Iterator[Completion]:
         def chunk(text: str, logprobs: dict[str, Any] | None, finish: str | None) -> Completion:
             return {
@@ -412,21 +372,9 @@ class LLM:
             yield chunk(piece.text, lp, None)
         yield {**chunk("", None, job.outcome.finish_reason), "usage": job.usage()}
 
-    def _completion_logprobs(self, tokens: list[_Token], base: int) -> dict[str, Any]:
+    def _completion_logprobs(self, tokens: list[GenToken], base: int) -> dict[str, Any]:
         """llama-cpp-python's CompletionLogprobs; offsets count characters of prompt + completion."""
-        out: dict[str, Any] = {"tokens": [], "text_offset": [], "token_logprobs": [], "top_logprobs": []}
-        for t in tokens:
-            text = self._token_str(t.id)
-            out["tokens"].append(text)
-            out["text_offset"].append(base + t.start)
-            out["token_logprobs"].append(t.logprob)
-            if t.logprob is None:
-                out["top_logprobs"].append(None)
-            else:
-                top = {self._token_str(i): lp for i, lp in t.top}
-                top[text] = t.logprob  # the chosen token is always listed, as in llama-cpp-python
-                out["top_logprobs"].append(top)
-        return out
+        return completion_logprobs(self.tokenizer, tokens, base)
 
     # ---- chat --------------------------------------------------------------------------------
 
@@ -543,22 +491,9 @@ class LLM:
             yield chunk({"content": piece.text}, lp, None)
         yield {**chunk({}, None, job.outcome.finish_reason), "usage": job.usage()}
 
-    def _chat_logprobs(self, tokens: list[_Token]) -> dict[str, Any]:
+    def _chat_logprobs(self, tokens: list[GenToken]) -> dict[str, Any]:
         """OpenAI's chat logprobs: per token its text, logprob, UTF-8 bytes and the top alternatives."""
-
-        def entry(tid: int, logprob: float) -> dict[str, Any]:
-            piece = self.tokenizer.token_to_piece(tid, special=True)
-            return {
-                "token": piece.decode("utf-8", errors="replace"),
-                "logprob": logprob,
-                "bytes": list(piece),
-            }
-
-        content = []
-        for t in tokens:
-            assert t.logprob is not None
-            content.append({**entry(t.id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]})
-        return {"content": content, "refusal": None}
+        return chat_logprobs(self.tokenizer, tokens)
 
     # ---- shared helpers ----------------------------------------------------------------------
 
@@ -724,7 +659,7 @@ class _Job:
         """OpenAI's usage: prompt tokens, generated tokens (stop-string tokens and all, not EOG)."""
         return _usage(len(self.prompt), self.outcome.n_generated)
 
-    def prompt_logprobs(self) -> list[_Token]:
+    def prompt_logprobs(self) -> list[GenToken]:
         """The prompt's tokens with their logprobs (echo with logprobs): decodes the whole prompt.
 
         The first token has none (OpenAI's convention); BOS is left out, as in llama-cpp-python.
@@ -740,69 +675,34 @@ class _Job:
             for i in range(len(chunk)):
                 lp = log_softmax(logits[i])
                 rows.append((float(lp[prompt[start + i + 1]]), top_logprobs(lp, n)))
-        out: list[_Token] = []
+        out: list[GenToken] = []
         decoder, offset = StreamDecoder(llm.tokenizer), 0
         for tid, (logprob, top) in zip(prompt, rows, strict=True):
             text = decoder.push(tid)
             if tid != llm.tokenizer.bos_id:
-                out.append(_Token(tid, offset, text, logprob, top))
+                out.append(GenToken(tid, offset, text, logprob, top))
             offset += len(text)
         return out
 
-    def run(self) -> Iterator[_Piece]:
-        """Generate; yield text that can no longer turn into a stop string, with its tokens."""
-        llm, tok, out = self.llm, self.llm.tokenizer, self.outcome
-        decoder = StreamDecoder(tok)
-        text, emitted = "", 0
-        pending: list[_Token] = []
-        longest = max((len(s) for s in self.stops), default=0)
+    def run(self) -> Iterator[Piece]:
+        """Generate; yield text that can no longer turn into a stop string, with its tokens.
+
+        The sampling, stop strings and logprobs are a `gguflm.generate.Generation`, the object the
+        server's engine uses too; this loop only decodes what it hands back, on sequence 0.
+        """
+        llm, out = self.llm, self.outcome
+        gen = Generation(llm.tokenizer, self.sampler, self.max_tokens, self.stops, self.n_probs, self.matcher)
         try:
             logits = llm._ingest(self.prompt)
-            while out.n_generated < self.max_tokens:
-                masked = self.matcher.mask_logits(logits) if self.matcher else logits
-                token = self.sampler(masked)
-                logprob, top = None, []
-                if self.n_probs is not None:
-                    lp = log_softmax(logits)  # the model's distribution, before masks and samplers
-                    logprob, top = float(lp[token]), top_logprobs(lp, self.n_probs)
-                if tok.is_eog(token):
-                    out.finish_reason = "stop"
-                    break
-                out.n_generated += 1
-                piece = decoder.push(token)
-                pending.append(_Token(token, len(text), piece, logprob, top))
-                text += piece
-                cut = _find_stop(text, self.stops, max(0, emitted - longest))
-                if cut is not None:
-                    out.finish_reason = "stop"
-                    yield from self._worth(text[emitted:cut], [t for t in pending if t.start < cut])
+            while True:
+                pieces, token = gen.step(logits)
+                out.n_generated = gen.n_generated
+                if token is None:
+                    out.finish_reason = "stop" if gen.finish_reason == "stop" else "length"
+                yield from pieces
+                if token is None:
                     return
-                safe = len(text) - _held_back(text, self.stops)
-                ready = [t for t in pending if t.end <= safe]
-                pending = pending[len(ready) :]
-                yield from self._worth(text[emitted:safe], ready)
-                emitted = safe
-                if self.matcher is not None:
-                    self.matcher.accept(token)
-                    if self.matcher.is_finished():
-                        out.finish_reason = "stop"
-                        break
-                if out.n_generated == self.max_tokens:
-                    out.finish_reason = "length"
-                    break
                 llm._decode([token], outputs=True)
                 logits = llm.ctx.logits(-1)
-            text += decoder.flush()
-            cut = _find_stop(text, self.stops, max(0, emitted - longest))
-            if cut is not None:
-                out.finish_reason = "stop"
-                pending = [t for t in pending if t.start < cut]
-                text = text[:cut]
-            yield from self._worth(text[emitted:], pending)
         finally:
             llm._sync()
-
-    def _worth(self, text: str, tokens: list[_Token]) -> Iterator[_Piece]:
-        """A piece when it has text, or tokens whose logprobs were asked for; nothing otherwise."""
-        if text or (tokens and self.n_probs is not None):
-            yield _Piece(text, tokens)
