@@ -135,6 +135,66 @@ def test_health_and_models_are_open(server: Server) -> None:
     assert [m["id"] for m in models["data"]] == ["tiny"]
 
 
+def test_chat_page_is_served_without_a_key(server: Server) -> None:
+    with server.client(None) as c:
+        r = c.get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "<form" in r.text and "/v1/chat/completions" in r.text and "stream: true" in r.text
+
+
+NODE_SHIM = r"""
+// the page's script in node: a few DOM stand-ins, fetch aimed at the server; prints the reply
+const base = process.argv[1], key = process.argv[2], script = require("fs").readFileSync(0, "utf8");
+const els = {}, log = [];
+function el(id) {
+  return els[id] || (els[id] = {
+    id, value: "", textContent: "", className: "", disabled: false, handlers: {},
+    addEventListener(type, f) { this.handlers[type] = f; },
+    appendChild(child) { log.push(child); }, focus() {},
+  });
+}
+globalThis.document = { getElementById: el, createElement: () => el("new" + log.length) };
+globalThis.localStorage = { getItem: () => key, setItem() {} };
+const realFetch = fetch;
+globalThis.fetch = (url, opts) => realFetch(base + url, opts);
+eval(script);
+el("temp").value = "0";
+el("max").value = "8";
+el("input").value = "Say hello.";
+el("form").handlers.submit({ preventDefault() {} }).then(() => {
+  const reply = log[log.length - 1];
+  process.stdout.write(JSON.stringify({ className: reply.className, text: reply.textContent }));
+});
+"""
+
+
+def test_chat_page_script_streams_a_reply(server: Server) -> None:
+    """The page's own script, run by node against the server, shows the streamed reply."""
+    import re
+    import shutil
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: the chat page's script cannot run")
+    with server.client(None) as c:
+        page = c.get("/").text
+    script = re.search(r"<script>(.*)</script>", page, re.S)
+    assert script is not None
+    with server.client() as c:
+        body = {"messages": [{"role": "user", "content": "Say hello."}], "temperature": 0, "max_tokens": 8}
+        want = c.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    run = subprocess.run(
+        [node, "-e", NODE_SHIM, server.url, KEY],
+        input=script.group(1),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert run.returncode == 0, run.stderr
+    shown = json.loads(run.stdout)
+    assert shown == {"className": "msg assistant", "text": want}
+
+
 def test_tokenize_detokenize_round_trip(server: Server) -> None:
     text = "Hello, world! héllo 123"
     with server.client() as c:
@@ -222,8 +282,8 @@ def test_seeded_sampling_is_reproducible(server: Server) -> None:
 
 
 def test_concurrent_streams_equal_their_solo_output(server: Server) -> None:
-    """8 streaming clients on 4 slots: each stream equals that request sent alone (greedy or seeded)."""
-    prompts = [f"prompt number {i}: " + "word " * (3 * i) for i in range(8)]
+    """16 streaming clients on 4 slots: each stream equals that request sent alone (greedy or seeded)."""
+    prompts = [f"prompt number {i}: " + "word " * (3 * i) for i in range(16)]
 
     def params(i: int) -> dict:
         if i % 2:
@@ -231,18 +291,18 @@ def test_concurrent_streams_equal_their_solo_output(server: Server) -> None:
         return {"temperature": 0}
 
     solo = [
-        completion(server, p, max_tokens=20, **params(i))["choices"][0]["text"] for i, p in enumerate(prompts)
+        completion(server, p, max_tokens=12, **params(i))["choices"][0]["text"] for i, p in enumerate(prompts)
     ]
     client = server.openai()
 
     def stream(i: int) -> str:
         chunks = client.completions.create(
-            model="tiny", prompt=prompts[i], max_tokens=20, stream=True, extra_body=params(i)
+            model="tiny", prompt=prompts[i], max_tokens=12, stream=True, extra_body=params(i)
         )
         return "".join(c.choices[0].text for c in chunks)
 
-    with ThreadPoolExecutor(8) as pool:
-        together = list(pool.map(stream, range(8)))
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(stream, range(16)))
     assert together == solo
     assert all_slots_idle(server)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gguflm.generate import GenToken, chat_logprobs, completion_logprobs
 from gguflm.server.engine import EmbedRequest, Engine, Event, Finished, GenRequest, QueueFull
 
-OPEN_ROUTES = frozenset({"/health", "/v1/models", "/models"})
+OPEN_ROUTES = frozenset({"/", "/health", "/v1/models", "/models"})  # the page holds no secrets
 POLL_S = 0.25
 MAX_N = 16  # choices per request
 MAX_TOP_LOGPROBS = 20
@@ -303,6 +303,12 @@ def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
         }
 
     # ---- simple routes -------------------------------------------------------------------------
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> HTMLResponse:
+        from gguflm.server.page import PAGE
+
+        return HTMLResponse(PAGE)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
