@@ -675,6 +675,79 @@ def test_a_full_queue_answers_503_with_retry_after(small: Server) -> None:
     assert completion(small, "after", max_tokens=2)["usage"]["completion_tokens"] <= 2
 
 
+# ---- a bounded random run: no input makes a 5xx -----------------------------------------------------
+
+ANY = [None, True, False, 0, 1, -3, 2**40, 1.5, -1e300, "", "x", [], [1, "a"], [7, 8], {}, {"a": 1}]
+SMALL_INTS = [None, 0, 1, 3, -2, "3", 1.5, True, []]  # token counts: never an endless generation
+FIELDS = {
+    "prompt": [*ANY, [1, 2, 3], ["ab"], [[1, 2]]],
+    "messages": [*ANY, [{"role": "user"}], [{"role": 5, "content": "x"}], [{"content": [{"type": "text"}]}]],
+    "max_tokens": SMALL_INTS,
+    "n_predict": SMALL_INTS,
+    "max_completion_tokens": SMALL_INTS,
+    "n": [None, 0, 1, 2, 17, -1, "2", 2.0],
+    "temperature": [*ANY, float("nan"), float("inf")],
+    "top_k": ANY,
+    "top_p": [*ANY, float("nan")],
+    "min_p": ANY,
+    "typical_p": ANY,
+    "repeat_penalty": ANY,
+    "presence_penalty": ANY,
+    "seed": ANY,
+    "stop": [*ANY, ["a", 1], "\n"],
+    "logprobs": ANY,
+    "top_logprobs": ANY,
+    "n_probs": ANY,
+    "logit_bias": [*ANY, {"1": "x"}, {"1": None}, [[1, 2, 3]], [["a", 1]], {"1": False}],
+    "ignore_eos": ANY,
+    "response_format": [
+        *ANY,
+        {"type": "json_object"},
+        {"type": "json_schema"},
+        {"type": "json_schema", "json_schema": 5},
+    ],
+    "json_schema": [*ANY, {"type": "nonsense"}],
+    "grammar": [*ANY, "root ::= ", 'root ::= "a"'],
+    "cache_prompt": ANY,
+    "stream_options": ANY,
+    "content": ANY,
+    "tokens": [*ANY, [-1], [10**9]],
+    "add_special": ANY,
+    "with_pieces": ANY,
+    "input": [*ANY, [""], ["a", 1]],
+    "tools": ANY,
+    "return_tokens": ANY,
+}
+ROUTES = {
+    "/v1/completions": {"prompt": "fuzz", "max_tokens": 2},
+    "/v1/chat/completions": {"messages": [{"role": "user", "content": "fuzz"}], "max_tokens": 2},
+    "/completion": {"prompt": "fuzz", "n_predict": 2},
+    "/tokenize": {"content": "fuzz"},
+    "/detokenize": {"tokens": [1, 2]},
+    "/apply-template": {"messages": [{"role": "user", "content": "fuzz"}]},
+    "/v1/embeddings": {"input": "fuzz"},
+}
+
+
+def test_random_bodies_never_get_a_server_error(server: Server) -> None:
+    import random
+
+    rng = random.Random(1234)
+    names = sorted(FIELDS)
+    with server.client() as c:
+        for _ in range(300):
+            route = rng.choice(sorted(ROUTES))
+            body: dict = dict(ROUTES[route])
+            for name in rng.sample(names, rng.randint(1, 3)):
+                body[name] = rng.choice(FIELDS[name])
+            r = c.post(route, content=json.dumps(body), headers={"content-type": "application/json"})
+            assert r.status_code < 500, (route, body, r.text)
+            if r.status_code >= 400:
+                assert set(r.json()["error"]) >= {"code", "message", "type"}, (route, body, r.text)
+    assert all_slots_idle(server)
+    assert completion(server, "still fine", max_tokens=2)["usage"]["completion_tokens"] <= 2
+
+
 # ---- shutdown (last: it stops the module's server) --------------------------------------------------
 
 
