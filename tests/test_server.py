@@ -752,8 +752,16 @@ def test_random_bodies_never_get_a_server_error(server: Server) -> None:
 # ---- shutdown (last: it stops the module's server) --------------------------------------------------
 
 
-def test_zz_terminate_stops_cleanly_and_releases_the_port(server: Server) -> None:
-    server.proc.terminate()
+def test_zz_terminate_ends_streams_stops_cleanly_and_releases_the_port(server: Server) -> None:
+    with server.client() as c, c.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        t0 = time.monotonic()
+        server.proc.terminate()
+        rest = [line for line in lines if line]
+    assert time.monotonic() - t0 < 2  # the stream ends at once, not after uvicorn's grace period
+    assert rest[-1] == "data: [DONE]"
+    assert "shutting down" in json.loads(rest[-2][6:])["error"]["message"]
     assert server.proc.wait(15) == 0
     deadline = time.monotonic() + 5
     while not port_is_free(server.port) and time.monotonic() < deadline:

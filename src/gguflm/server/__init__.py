@@ -145,6 +145,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=3)
     )
     _announce(server, args)
+    uvicorn_exit = server.handle_exit
+
+    def handle_exit(sig: int, frame: object) -> None:
+        """On SIGINT / SIGTERM end running requests first (streams get an error event and [DONE]),
+        so that uvicorn's graceful shutdown finds no open stream to wait for."""
+        engine.request_stop()
+        uvicorn_exit(sig, frame)  # type: ignore[arg-type]
+
+    server.handle_exit = handle_exit  # type: ignore[method-assign]
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again under the handler it
     # found: with this one the process ends with status 0 instead of dying of the signal
     signal.signal(signal.SIGTERM, lambda *_: None)

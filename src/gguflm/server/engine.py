@@ -181,7 +181,10 @@ class Engine:
         self._thread.start()
 
     def submit(self, req: GenRequest | EmbedRequest) -> None:
-        """Queue a request; QueueFull (nothing queued) when `max_queue` requests wait already."""
+        """Queue a request; QueueFull (nothing queued) when `max_queue` requests wait already or
+        the engine is stopping."""
+        if self._stopping:
+            raise QueueFull("the server is shutting down")
         if isinstance(req, GenRequest):
             with self._lock:
                 if self.max_queue and self._n_queued >= self.max_queue:
@@ -189,9 +192,14 @@ class Engine:
                 self._n_queued += 1
         self.inbox.put(req)
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def request_stop(self) -> None:
+        """End every request at the next step (streams get an error event) and refuse new ones;
+        returns at once (safe in a signal handler)."""
         self._stopping = True
         self.inbox.put(None)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.request_stop()
         self._thread.join(timeout)
 
     def n_busy(self) -> int:
@@ -257,6 +265,15 @@ class Engine:
         for slot in self.slots:
             if slot.busy:
                 self._finish(slot, error="the server is shutting down")
+        while True:  # requests that arrived while stopping
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, GenRequest):
+                self.waiting.append(item)
+            elif item is not None:
+                item.emit(("error", "the server is shutting down"))
         while self.waiting:
             self._dequeued(1)
             self.waiting.popleft().emit(("error", "the server is shutting down"))
