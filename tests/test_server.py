@@ -350,6 +350,18 @@ def test_embeddings_are_normalized_for_string_and_list(server: Server) -> None:
     for item in [*one.data, *many.data]:
         assert abs(sum(x * x for x in item.embedding) - 1.0) < 1e-4
     assert one.data[0].embedding == pytest.approx(many.data[0].embedding, abs=1e-5)
+    again = client.embeddings.create(model="tiny", input="hello world")  # on the kept context
+    assert again.data[0].embedding == one.data[0].embedding
+
+
+def test_embeddings_equal_the_library(server: Server, tiny_llama_path: Path) -> None:
+    from gguflm.llm import LLM
+
+    texts = ["first text", "a second, longer text to embed"]
+    served = [d.embedding for d in server.openai().embeddings.create(model="tiny", input=texts).data]
+    local = LLM(tiny_llama_path, n_ctx=N_SLOT).embed(texts)
+    for s_vec, l_vec in zip(served, local, strict=True):
+        assert s_vec == pytest.approx(l_vec, abs=1e-4)
 
 
 # ---- errors -----------------------------------------------------------------------------------------

@@ -68,7 +68,12 @@ def generate(
 
 
 def embed(
-    model: Model, prompts: list[list[int]], pooling: str, embd_normalize: int = 2, n_batch: int = 2048
+    model: Model,
+    prompts: list[list[int]],
+    pooling: str,
+    embd_normalize: int = 2,
+    n_batch: int = 2048,
+    contexts: dict[tuple[int, int, str], Context] | None = None,
 ) -> list[list[float]]:
     """Embeddings of tokenized prompts, like llama-embedding: one vector per prompt when pooling,
     one per token with pooling "none"; each normalized with llama.cpp's common_embd_normalize.
@@ -76,6 +81,9 @@ def embed(
     Prompts are packed in order into batches of up to n_batch tokens, a sequence each, as
     llama-embedding does: one forward per batch instead of one per prompt (64 short texts: 4x).
     Pooling "none" packs at most 512 tokens a batch: every token is an output, logits included.
+    `contexts` keeps the embeddings contexts made, by (n_batch, n_seq_max, pooling), for the next
+    call (a server embeds often; a context's KV cache is a large allocation); the cache is cleared
+    before each batch, so a kept context gives the same vectors as a new one.
     """
     if pooling == "none":
         n_batch = min(n_batch, 512)
@@ -89,15 +97,20 @@ def embed(
         else:
             batches.append([tokens])
             n_tokens = len(tokens)
-    ctx = Context(
-        model,
-        n_ctx=n_batch,
-        n_batch=n_batch,
-        n_ubatch=n_batch,
-        n_seq_max=max(map(len, batches)),
-        embeddings=True,
-        pooling=pooling,
-    )
+    key = (n_batch, max(map(len, batches)), pooling)
+    ctx = contexts.get(key) if contexts is not None else None
+    if ctx is None:
+        ctx = Context(
+            model,
+            n_ctx=n_batch,
+            n_batch=n_batch,
+            n_ubatch=n_batch,
+            n_seq_max=key[1],
+            embeddings=True,
+            pooling=pooling,
+        )
+        if contexts is not None:
+            contexts[key] = ctx
     vectors: list[list[float]] = []
     for members in batches:
         ctx.kv.clear()

@@ -173,6 +173,7 @@ class Engine:
         self._stopping = False
         self._clock = itertools.count(1)
         self.metrics = Metrics()
+        self._embed_contexts: dict[tuple[int, int, str], Context] = {}  # kept by gguflm.generate.embed
         self.threads = threads
 
     # ---- called from other threads ------------------------------------------------------------
@@ -294,7 +295,9 @@ class Engine:
         if req.cancelled.is_set():
             return
         try:
-            vectors = embed(self.model, req.prompts, self.pooling, 2)
+            if len(self._embed_contexts) >= 4:  # a few shapes of request are kept, not every one
+                self._embed_contexts.clear()
+            vectors = embed(self.model, req.prompts, self.pooling, 2, contexts=self._embed_contexts)
         except Exception as e:
             log.exception("embedding failed")
             req.emit(("error", f"embedding failed: {e}"))
