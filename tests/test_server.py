@@ -681,11 +681,15 @@ def test_a_full_queue_answers_503_with_retry_after(small: Server) -> None:
                 r = c.post("/v1/completions", json={"prompt": "c", "max_tokens": 2})
             assert_error(r, 503, "unavailable_error")
             assert int(r.headers["retry-after"]) >= 1
+            with small.client() as c:
+                assert_error(c.get("/slots", params={"fail_on_no_slot": 1}), 503)
     assert all_slots_idle(small)
     deadline = time.monotonic() + 5
     while metrics(small)["requests_deferred"] and time.monotonic() < deadline:
         time.sleep(0.02)
     assert completion(small, "after", max_tokens=2)["usage"]["completion_tokens"] <= 2
+    with small.client() as c:
+        assert c.get("/slots", params={"fail_on_no_slot": 1}).status_code == 200
 
 
 # ---- a bounded random run: no input makes a 5xx -----------------------------------------------------

@@ -46,6 +46,11 @@ def add_serve_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (not on /health, /v1/models)")
     p.add_argument("--embeddings", action="store_true", help="enable /v1/embeddings")
     p.add_argument(
+        "--pooling",
+        choices=("mean", "cls", "last"),
+        help="how /v1/embeddings pools a text's tokens (default: the file's pooling_type, else mean)",
+    )
+    p.add_argument(
         "--chat-template", help="a built-in template name, a Jinja file or Jinja text (default: the GGUF's)"
     )
     p.add_argument(
@@ -126,7 +131,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.parallel,
         chunk=args.chunk,
         embeddings=args.embeddings,
-        pooling=_pooling(model),
+        pooling=args.pooling or _pooling(model),
         threads=args.threads,
         max_queue=args.max_queue,
         similarity=args.slot_prompt_similarity,

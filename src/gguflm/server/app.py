@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gguflm.generate import GenToken, chat_logprobs, completion_logprobs
 from gguflm.server.engine import EmbedRequest, Engine, Event, Finished, GenRequest, QueueFull
 
-OPEN_ROUTES = frozenset({"/", "/health", "/v1/models", "/models"})  # the page holds no secrets
+OPEN_ROUTES = frozenset({"/", "/health", "/v1/health", "/v1/models", "/models"})  # the page holds no secrets
 POLL_S = 0.25
 MAX_N = 16  # choices per request
 MAX_TOP_LOGPROBS = 20
@@ -311,6 +311,7 @@ def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
         return HTMLResponse(PAGE)
 
     @app.get("/health")
+    @app.get("/v1/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
@@ -343,8 +344,12 @@ def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
         }
 
     @app.get("/slots")
-    async def slots() -> list[dict[str, Any]]:
-        return engine.slot_info()
+    async def slots(fail_on_no_slot: bool = False) -> list[dict[str, Any]]:
+        """Each slot's state; `?fail_on_no_slot=1` answers 503 when none is free (llama-server's)."""
+        info = engine.slot_info()
+        if fail_on_no_slot and all(s["is_processing"] for s in info):
+            raise APIError(503, "no slot is free", "unavailable_error")
+        return info
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
