@@ -320,6 +320,24 @@ def test_ignore_eos_and_logit_bias(server: Server) -> None:
     assert ids[0] != first
 
 
+def test_llama_server_sampling_fields_take_effect(server: Server) -> None:
+    greedy = native(server, prompt="Hello there", n_predict=4, ignore_eos=True)["content"]
+    # top-k 1 then temperature 1: the likeliest token, whatever the seed
+    top1 = {"temperature": 1.0, "top_k": 1, "samplers": ["top_k", "temperature"], "seed": 5}
+    assert native(server, prompt="Hello there", n_predict=4, ignore_eos=True, **top1)["content"] == greedy
+    # a huge repeat penalty bans the prompt's tokens; with repeat_last_n 0 it sees none of them
+    words = set(greedy.split())
+    if not words & {"Hello", "there"}:
+        pytest.skip("the tiny model's greedy text repeats no prompt word")
+    banned = native(server, prompt="Hello there", n_predict=4, ignore_eos=True, repeat_penalty=1e9)
+    assert banned["content"] != greedy
+    blind = {"repeat_penalty": 1e9, "repeat_last_n": 0}
+    assert native(server, prompt="Hello there", n_predict=4, ignore_eos=True, **blind)["content"] == greedy
+    with server.client() as c:
+        assert_error(c.post("/completion", json={"prompt": "x", "samplers": ["nope"]}), 400)
+        assert_error(c.post("/completion", json={"prompt": "x", "mirostat": 3}), 400)
+
+
 def test_chat_content_as_text_parts_equals_a_string(server: Server) -> None:
     def reply(content: object) -> str:
         with server.client() as c:
@@ -717,6 +735,12 @@ FIELDS = {
     "n_probs": ANY,
     "logit_bias": [*ANY, {"1": "x"}, {"1": None}, [[1, 2, 3]], [["a", 1]], {"1": False}],
     "ignore_eos": ANY,
+    "samplers": [*ANY, "xyz", ["top_k", "nope"], "kt", ["top_k", "temperature"]],
+    "mirostat": [*ANY, 2],
+    "dry_multiplier": ANY,
+    "dry_sequence_breakers": [*ANY, ["\\n"]],
+    "repeat_last_n": ANY,
+    "xtc_probability": ANY,
     "response_format": [
         *ANY,
         {"type": "json_object"},

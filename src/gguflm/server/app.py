@@ -256,7 +256,7 @@ def _version() -> str:
 def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
     from gguflm.chat import ChatTemplate, ChatTemplateError
     from gguflm.grammar import Grammar, GrammarError
-    from gguflm.sampling import Sampler, SamplerParams
+    from gguflm.sampling import Sampler, SamplerParams, parse_samplers
 
     __version__ = _version()
     tok = engine.tokenizer
@@ -462,27 +462,74 @@ def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
             bias.update(dict.fromkeys(tok.eog_ids, float("-inf")))
         return bias
 
-    def _sampler(body: dict[str, Any], choice: int) -> Sampler:
-        """Choice i of a seeded request uses seed + i, so that n > 1 choices differ."""
+    def _string_list(body: dict[str, Any], name: str) -> list[str] | None:
+        v = body.get(name)
+        if v is None:
+            return None
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise APIError(400, f"'{name}' must be a list of strings")
+        return v
+
+    def _sampler_params(body: dict[str, Any], choice: int) -> SamplerParams:
+        """OpenAI's fields and llama-server's extra ones (its names) -> SamplerParams; ValueError
+        from SamplerParams (a value out of range) becomes a 400. Choice i of a seeded request uses
+        seed + i, so that n > 1 choices differ."""
         seed = _integer(body, "seed", None)
-        if seed is not None and seed not in (-1, 0xFFFFFFFF):
+        if seed is None or seed in (-1, 0xFFFFFFFF):
+            seed = 0xFFFFFFFF
+        else:
             seed = (seed + choice) & 0xFFFFFFFF
+        d = SamplerParams()
+        extra: dict[str, Any] = {}
+        samplers = body.get("samplers")
+        if samplers is not None:
+            if isinstance(samplers, str):
+                try:
+                    extra["samplers"] = parse_samplers(samplers)
+                except ValueError as e:
+                    raise APIError(400, f"'samplers': {e}") from None
+            else:
+                extra["samplers"] = _string_list(body, "samplers")
+        breakers = _string_list(body, "dry_sequence_breakers")
+        if breakers is not None:
+            extra["dry_sequence_breakers"] = tuple(breakers)
         try:
-            params = SamplerParams(
-                seed=0xFFFFFFFF if seed is None or seed == -1 else seed,
-                temp=_number(body, "temperature", 0.8),
-                top_k=_integer(body, "top_k", 40),  # type: ignore[arg-type]
-                top_p=_number(body, "top_p", 0.95),
-                min_p=_number(body, "min_p", 0.05),
-                typ_p=_number(body, "typical_p", 1.0),
-                penalty_repeat=_number(body, "repeat_penalty", 1.0),
-                penalty_present=_number(body, "presence_penalty", 0.0),
-                penalty_freq=_number(body, "frequency_penalty", 0.0),
+            return SamplerParams(
+                seed=seed,
+                temp=_number(body, "temperature", d.temp),
+                dynatemp_range=_number(body, "dynatemp_range", d.dynatemp_range),
+                dynatemp_exponent=_number(body, "dynatemp_exponent", d.dynatemp_exponent),
+                top_k=_integer(body, "top_k", d.top_k),  # type: ignore[arg-type]
+                top_p=_number(body, "top_p", d.top_p),
+                min_p=_number(body, "min_p", d.min_p),
+                typ_p=_number(body, "typical_p", d.typ_p),
+                top_n_sigma=_number(body, "top_n_sigma", d.top_n_sigma),
+                xtc_probability=_number(body, "xtc_probability", d.xtc_probability),
+                xtc_threshold=_number(body, "xtc_threshold", d.xtc_threshold),
+                min_keep=_integer(body, "min_keep", d.min_keep),  # type: ignore[arg-type]
+                penalty_last_n=_integer(body, "repeat_last_n", d.penalty_last_n),  # type: ignore[arg-type]
+                penalty_repeat=_number(body, "repeat_penalty", d.penalty_repeat),
+                penalty_present=_number(body, "presence_penalty", d.penalty_present),
+                penalty_freq=_number(body, "frequency_penalty", d.penalty_freq),
+                dry_multiplier=_number(body, "dry_multiplier", d.dry_multiplier),
+                dry_base=_number(body, "dry_base", d.dry_base),
+                dry_allowed_length=_integer(body, "dry_allowed_length", d.dry_allowed_length),  # type: ignore[arg-type]
+                dry_penalty_last_n=_integer(body, "dry_penalty_last_n", d.dry_penalty_last_n),  # type: ignore[arg-type]
+                mirostat=_integer(body, "mirostat", d.mirostat),  # type: ignore[arg-type]
+                mirostat_tau=_number(body, "mirostat_tau", d.mirostat_tau),
+                mirostat_eta=_number(body, "mirostat_eta", d.mirostat_eta),
                 logit_bias=_logit_bias(body),
+                **extra,
             )
         except ValueError as e:
             raise APIError(400, str(e)) from None
-        return Sampler(params, n_ctx=engine.n_ctx_slot, tokenizer=tok)
+
+    def _sampler(params: SamplerParams, prompt: list[int]) -> Sampler:
+        """A ready sampler whose penalties have seen the prompt's last repeat_last_n tokens."""
+        sampler = Sampler(params, n_ctx=engine.n_ctx_slot, tokenizer=tok)
+        window = params.penalty_last_n if params.penalty_last_n >= 0 else engine.n_ctx_slot
+        sampler.accept_prompt(prompt[-window:] if window else [])
+        return sampler
 
     def _grammar(body: dict[str, Any]) -> Grammar | None:
         """`response_format` (OpenAI), `json_schema` or `grammar` (GBNF, llama-server's fields)."""
@@ -542,7 +589,7 @@ def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
         stops = _stops(body)
         cache_prompt = _boolean(body, "cache_prompt", True)
         grammar = _grammar(body)
-        samplers = [_sampler(body, i) for i in range(n)]
+        samplers = [_sampler(_sampler_params(body, i), prompt) for i in range(n)]
         matchers = [None] * n
         if grammar is not None:  # compiling a schema's token mask can take a while: off the loop
             try:
@@ -551,7 +598,6 @@ def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
                 raise APIError(400, f"bad grammar: {e}") from None
         reqs = []
         for i in range(n):
-            samplers[i].accept_prompt(prompt[-64:])  # penalties see the prompt (penalty_last_n 64)
             reqs.append(
                 GenRequest(
                     prompt, samplers[i], max_tokens, stops, emitter(i), n_probs, matchers[i], cache_prompt
