@@ -109,7 +109,7 @@ def small(tiny_llama_path: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     stop_server(srv)
 
 
-def completion(srv: Server, prompt: str, **extra: object) -> dict:
+def completion(srv: Server, prompt: str | list, **extra: object) -> dict:
     with srv.client() as c:
         r = c.post("/v1/completions", json={"prompt": prompt, "temperature": 0, **extra})
     assert r.status_code == 200, r.text
@@ -615,6 +615,32 @@ def test_n_choices_streamed_and_not(server: Server) -> None:
     assert texts == [c["text"] for c in plain["choices"]]
     finished = [c["choices"][0]["index"] for c in chunks if c["choices"][0]["finish_reason"]]
     assert sorted(finished) == [0, 1]
+
+
+def test_a_batch_of_prompts_gives_each_its_choices(server: Server) -> None:
+    prompts = ["The cat", "A dog and"]
+    alone = [completion(server, p, max_tokens=5, ignore_eos=True)["choices"][0]["text"] for p in prompts]
+    with server.client() as c:
+        ids = [
+            c.post("/tokenize", json={"content": p, "add_special": True}).json()["tokens"] for p in prompts
+        ]
+    batch = completion(server, [prompts[0], ids[1]], max_tokens=5, ignore_eos=True, n=2)
+    assert [c["index"] for c in batch["choices"]] == [0, 1, 2, 3]
+    assert [c["text"] for c in batch["choices"]] == [alone[0], alone[0], alone[1], alone[1]]
+    assert batch["usage"]["prompt_tokens"] == len(ids[0]) + len(ids[1])
+    assert batch["usage"]["completion_tokens"] == 20
+    body = {"prompt": prompts, "max_tokens": 5, "ignore_eos": True, "temperature": 0, "stream": True}
+    body["stream_options"] = {"include_usage": True}
+    with server.client() as c, c.stream("POST", "/v1/completions", json=body) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line and line != "data: [DONE]"]
+    texts = ["", ""]
+    for chunk in chunks[:-1]:
+        texts[chunk["choices"][0]["index"]] += chunk["choices"][0]["text"]
+    assert texts == alone
+    assert chunks[-1]["usage"]["prompt_tokens"] == len(ids[0]) + len(ids[1])
+    with server.client() as c:
+        assert_error(c.post("/v1/completions", json={"prompt": ["ok", [1, "x"]]}), 400)
+        assert_error(c.post("/v1/completions", json={"prompt": ["a"] * 40, "n": 2}), 400)
 
 
 def test_chat_logprobs_match_the_library(server: Server, tiny_llama_path: Path) -> None:

@@ -28,7 +28,8 @@ from gguflm.server.engine import EmbedRequest, Engine, Event, Finished, GenReque
 
 OPEN_ROUTES = frozenset({"/", "/health", "/v1/health", "/v1/models", "/models"})  # the page holds no secrets
 POLL_S = 0.25
-MAX_N = 16  # choices per request
+MAX_N = 16  # choices per prompt
+MAX_CHOICES = 64  # choices per request, over all its prompts
 MAX_TOP_LOGPROBS = 20
 RETRY_AFTER_S = 1
 
@@ -210,15 +211,17 @@ def _timings(done: Finished) -> dict[str, Any]:
     }
 
 
-def _usage(done: list[Finished]) -> dict[str, Any]:
-    """OpenAI's usage over a request's choices (they share the prompt), with cached prompt tokens."""
-    n_prompt = done[0].n_prompt
+def _usage(done: list[Finished], n: int) -> dict[str, Any]:
+    """OpenAI's usage over a request's choices, in index order: each prompt's `n` choices share
+    it, so its tokens (and the cached ones) count once."""
+    firsts = done[::n]
+    n_prompt = sum(d.n_prompt for d in firsts)
     n_gen = sum(d.n_generated for d in done)
     return {
         "prompt_tokens": n_prompt,
         "completion_tokens": n_gen,
         "total_tokens": n_prompt + n_gen,
-        "prompt_tokens_details": {"cached_tokens": done[0].n_cached},
+        "prompt_tokens_details": {"cached_tokens": sum(d.n_cached for d in firsts)},
     }
 
 
@@ -581,9 +584,10 @@ def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
             )
 
     async def _requests(
-        body: dict[str, Any], prompt: list[int], emitter: Emitter, n: int, n_probs: int | None
+        body: dict[str, Any], prompt: list[int], emitter: Emitter, n: int, n_probs: int | None, first: int = 0
     ) -> list[GenRequest]:
-        """Check everything, then build the choices' requests (nothing is submitted yet)."""
+        """Check everything, then build the requests of a prompt's n choices, numbered from
+        `first` (nothing is submitted yet)."""
         _check_prompt(prompt)
         max_tokens = _max_tokens(body, len(prompt))
         stops = _stops(body)
@@ -600,7 +604,14 @@ def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
         for i in range(n):
             reqs.append(
                 GenRequest(
-                    prompt, samplers[i], max_tokens, stops, emitter(i), n_probs, matchers[i], cache_prompt
+                    prompt,
+                    samplers[i],
+                    max_tokens,
+                    stops,
+                    emitter(first + i),
+                    n_probs,
+                    matchers[i],
+                    cache_prompt,
                 )
             )
         return reqs
@@ -701,13 +712,25 @@ def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
     def _prompt_tokens(prompt: Any) -> list[int]:
         """A prompt as text or token ids (a one-item list of either too)."""
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-            prompt = prompt[0]
+        prompts = _prompt_list(prompt)
+        if len(prompts) != 1:
+            raise APIError(400, "'prompt' must be one prompt here: a string or a list of token ids")
+        return prompts[0]
+
+    def _prompt_list(prompt: Any) -> list[list[int]]:
+        """OpenAI's prompt: a string, token ids, or a list of strings and token-id lists (a batch)."""
         if isinstance(prompt, str):
-            return tok.encode(prompt, add_special=True, parse_special=True)
+            return [tok.encode(prompt, add_special=True, parse_special=True)]
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-            return _token_ids(prompt, "prompt")
-        raise APIError(400, "'prompt' must be a string or a list of token ids")
+            return [_token_ids(prompt, "prompt")]
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
+            out: list[list[int]] = []
+            for item in prompt:
+                if isinstance(item, list) and not all(isinstance(t, int) for t in item):
+                    raise APIError(400, "a prompt in a batch must be a string or a list of token ids")
+                out += _prompt_list(item)
+            return out
+        raise APIError(400, "'prompt' must be a string, a list of token ids, or a list of those")
 
     def _head(prefix: str, obj: str) -> dict[str, Any]:
         return {
@@ -721,16 +744,21 @@ def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
+        """OpenAI's completions; a batch of prompts gives choice p * n + j for prompt p's choice j."""
         body = await _json_body(request)
-        tokens = _prompt_tokens(body.get("prompt"))
+        prompts = _prompt_list(body.get("prompt"))
         stream = _boolean(body, "stream", False)
         include_usage = _stream_options(body)
         n = _ranged(body, "n", 1, 1, MAX_N)
+        if len(prompts) * n > MAX_CHOICES:
+            raise APIError(400, f"{len(prompts)} prompts x n = {n} is more than {MAX_CHOICES} choices")
         n_probs = body.get("logprobs")
         if n_probs is not None:
             n_probs = _ranged(body, "logprobs", 0, 0, MAX_TOP_LOGPROBS)
         q, emitter = _queue()
-        reqs = await _requests(body, tokens, emitter, n, n_probs)
+        reqs = []
+        for p, tokens in enumerate(prompts):
+            reqs += await _requests(body, tokens, emitter, n, n_probs, p * n)
         head = _head("cmpl", "text_completion")
 
         def choice(i: int, text: str, toks: list[GenToken], finish: str | None) -> dict[str, Any]:
@@ -741,18 +769,20 @@ def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
         if stream:
 
             async def gen() -> AsyncIterator[str]:
-                done: list[Finished] = []
+                done: dict[int, Finished] = {}
                 async for i, event in _events(reqs, q):
                     if event[0] == "text":
                         yield _sse({**head, "choices": [choice(i, event[1], event[2], None)]})
                     elif event[0] == "done":
-                        done.append(event[1])
+                        done[i] = event[1]
                         last = {**head, "choices": [choice(i, "", [], event[1].finish_reason)]}
-                        yield _sse({**last, "timings": _timings(event[1])} if len(done) == n else last)
+                        yield _sse(
+                            {**last, "timings": _timings(event[1])} if len(done) == len(reqs) else last
+                        )
                     else:
                         yield _error_sse(event)
-                if include_usage and len(done) == n:
-                    yield _sse({**head, "choices": [], "usage": _usage(done)})
+                if include_usage and len(done) == len(reqs):
+                    yield _sse({**head, "choices": [], "usage": _usage([done[k] for k in sorted(done)], n)})
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(gen(), media_type="text/event-stream")
@@ -760,7 +790,7 @@ def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
         return {
             **head,
             "choices": [choice(i, text, toks, d.finish_reason) for i, (text, toks, d) in enumerate(results)],
-            "usage": _usage([d for *_, d in results]),
+            "usage": _usage([d for *_, d in results], n),
             "timings": _timings(results[0][2]),
         }
 
@@ -798,18 +828,18 @@ def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
             async def gen() -> AsyncIterator[str]:
                 for i in range(n):
                     yield _sse(delta(i, {"role": "assistant", "content": ""}, None, None))
-                done: list[Finished] = []
+                done: dict[int, Finished] = {}
                 async for i, event in _events(reqs, q):
                     if event[0] == "text":
                         yield _sse(delta(i, {"content": event[1]}, event[2], None))
                     elif event[0] == "done":
-                        done.append(event[1])
+                        done[i] = event[1]
                         last = delta(i, {}, None, event[1].finish_reason)
                         yield _sse({**last, "timings": _timings(event[1])} if len(done) == n else last)
                     else:
                         yield _error_sse(event)
                 if include_usage and len(done) == n:
-                    yield _sse({**head, "choices": [], "usage": _usage(done)})
+                    yield _sse({**head, "choices": [], "usage": _usage([done[k] for k in sorted(done)], n)})
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(gen(), media_type="text/event-stream")
@@ -826,7 +856,7 @@ def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
                 }
                 for i, (text, toks, d) in enumerate(results)
             ],
-            "usage": _usage([d for *_, d in results]),
+            "usage": _usage([d for *_, d in results], n),
             "timings": _timings(results[0][2]),
         }
 
