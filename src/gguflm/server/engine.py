@@ -384,7 +384,11 @@ class Engine:
             slot.cache.extend(part)
             slot.next_token = None
         for slot, index in rows:
-            self._advance(slot, self.ctx.logits(index))
+            try:
+                self._advance(slot, self.ctx.logits(index))
+            except Exception as e:  # one request's sampler or grammar failing must not end the others
+                log.exception("a request failed while sampling")
+                self._finish(slot, error=f"generation failed: {e}")
 
     def _assign(self, slot: _Slot, req: GenRequest) -> None:
         from gguflm.generate import Generation, common_prefix
