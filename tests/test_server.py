@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -813,6 +813,49 @@ def test_random_bodies_never_get_a_server_error(server: Server) -> None:
                 assert set(r.json()["error"]) >= {"code", "message", "type"}, (route, body, r.text)
     assert all_slots_idle(server)
     assert completion(server, "still fine", max_tokens=2)["usage"]["completion_tokens"] <= 2
+
+
+# ---- the engine alone ---------------------------------------------------------------------------------
+
+
+def test_a_failing_sampler_ends_only_its_request(tiny_llama_path: Path) -> None:
+    """In-process Engine: one request's sampler raises mid-generation; the other request in the
+    same steps still gets all its tokens, and its slot keeps serving."""
+    import threading
+
+    from gguflm.model import Model
+    from gguflm.sampling import Sampler, SamplerParams
+    from gguflm.server.engine import Engine, GenRequest
+
+    class Broken(Sampler):
+        def __call__(self, logits: object) -> int:
+            raise RuntimeError("sampler exploded")
+
+    engine = Engine(Model.load(tiny_llama_path), n_ctx=512, n_parallel=2, chunk=16)
+    events: dict[str, list] = {"good": [], "bad": []}
+    finished = threading.Event()
+
+    def emit(name: str) -> Callable[[tuple], None]:
+        def put(event: tuple) -> None:
+            events[name].append(event)
+            if all(e and e[-1][0] in ("done", "error") for e in events.values()):
+                finished.set()
+
+        return put
+
+    no_end = dict.fromkeys(engine.tokenizer.eog_ids, float("-inf"))
+    good = GenRequest([1, 2, 3], Sampler(SamplerParams(temp=0, logit_bias=no_end)), 8, [], emit("good"))
+    bad = GenRequest([1, 2, 3, 4], Broken(SamplerParams(temp=0)), 8, [], emit("bad"))
+    engine.start()
+    try:
+        engine.submit(good)
+        engine.submit(bad)
+        assert finished.wait(30)
+    finally:
+        engine.stop()
+    assert events["bad"][-1][0] == "error" and "sampler exploded" in events["bad"][-1][1]
+    done = events["good"][-1]
+    assert done[0] == "done" and done[1].n_generated == 8 and done[1].finish_reason == "length"
 
 
 # ---- shutdown (last: it stops the module's server) --------------------------------------------------
