@@ -1,4 +1,6 @@
-"""The generation loop every caller shares: decode the prompt, then sample and decode one token at a time."""
+"""What every caller's generation shares: `Generation`, one request's state from logits to final
+text (sampler, grammar, stop strings, logprobs, finish reason), used by `gguflm.LLM` and the server's
+engine; `generate`, the plain token loop of `gguflm run`; and `embed`."""
 
 from __future__ import annotations
 
