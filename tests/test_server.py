@@ -815,6 +815,40 @@ def test_random_bodies_never_get_a_server_error(server: Server) -> None:
     assert completion(server, "still fine", max_tokens=2)["usage"]["completion_tokens"] <= 2
 
 
+# ---- loading ------------------------------------------------------------------------------------------
+
+
+def test_routes_answer_503_until_the_model_is_loaded() -> None:
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from gguflm.server.app import LoadingApp
+
+    holder = LoadingApp()
+    client = TestClient(holder)
+    for path in ("/health", "/v1/chat/completions"):
+        err = assert_error(client.get(path), 503, "unavailable_error")
+        assert err["message"] == "Loading model"
+    assert client.get("/health").headers["retry-after"] == "1"
+    holder.ready(Starlette(routes=[Route("/health", lambda _: PlainTextResponse("ok"))]))
+    assert client.get("/health").text == "ok"
+
+
+def test_a_model_that_fails_to_load_ends_the_server_with_an_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 60)
+    cmd = [sys.executable, "-m", "gguflm", "serve", "-m", str(bad), "--port", str(free_port())]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1
+    assert "error: could not load" in run.stderr and str(bad) in run.stderr
+    missing = subprocess.run(
+        [*cmd[:5], str(tmp_path / "none.gguf")], capture_output=True, text=True, timeout=60
+    )
+    assert missing.returncode == 1 and "no model file" in missing.stderr
+
+
 # ---- the engine alone ---------------------------------------------------------------------------------
 
 

@@ -11,6 +11,14 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from gguflm.server.engine import Engine
 
 log = logging.getLogger("gguflm.server")
 
@@ -98,17 +106,16 @@ def _pooling(model: object) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Load the model, start the engine thread, serve until SIGINT / SIGTERM. Errors in the arguments
-    raise ValueError, which `gguflm` prints as one line."""
-    import time
-    from pathlib import Path
+    """Listen at once, load the model on a thread (every route answers 503 "Loading model" until
+    then), start the engine thread, serve until SIGINT / SIGTERM. Errors in the arguments raise
+    ValueError, which `gguflm` prints as one line; so does a model that fails to load, after the
+    server has stopped listening."""
+    import threading
 
     import uvicorn
 
-    from gguflm.model import Model
     from gguflm.paths import default_model_path
-    from gguflm.server.app import ServerConfig, build_app
-    from gguflm.server.engine import Engine
+    from gguflm.server.app import LoadingApp
 
     if args.parallel < 1:
         raise ValueError(f"-np/--parallel must be at least 1, got {args.parallel}")
@@ -121,6 +128,71 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
     path = Path(args.model) if args.model else default_model_path()
+    if not path.is_file():
+        raise ValueError(f"no model file at {path}")
+    holder = LoadingApp()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            holder,
+            host=args.host,
+            port=args.port,
+            log_level="warning",
+            timeout_graceful_shutdown=3,
+            lifespan="off",
+        )
+    )
+    _announce(server, args)
+    engines: list[Engine] = []
+    failures: list[Exception] = []
+    stopping = threading.Event()
+
+    def load() -> None:
+        try:
+            engine, app = _load(args, path)
+        except Exception as e:  # reported by the main thread once the server has stopped
+            failures.append(e)
+            server.should_exit = True
+            return
+        if stopping.is_set():
+            return
+        engines.append(engine)
+        engine.start()
+        holder.ready(app)
+        print("gguflm serve: model loaded, serving", file=sys.stderr, flush=True)
+
+    uvicorn_exit = server.handle_exit
+
+    def handle_exit(sig: int, frame: object) -> None:
+        """On SIGINT / SIGTERM end running requests first (streams get an error event and [DONE]),
+        so that uvicorn's graceful shutdown finds no open stream to wait for."""
+        stopping.set()
+        for engine in engines:
+            engine.request_stop()
+        uvicorn_exit(sig, frame)  # type: ignore[arg-type]
+
+    server.handle_exit = handle_exit  # type: ignore[method-assign]
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again under the handler it
+    # found: with this one the process ends with status 0 instead of dying of the signal
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    threading.Thread(target=load, name="gguflm-load", daemon=True).start()
+    try:
+        server.run()
+    finally:
+        for engine in engines:
+            engine.stop()
+    if failures:
+        raise ValueError(f"could not load {path}: {failures[0]}") from failures[0]
+    return 0
+
+
+def _load(args: argparse.Namespace, path: Path) -> tuple[Engine, FastAPI]:
+    """The model, its engine and the app that serves it."""
+    import time
+
+    from gguflm.model import Model
+    from gguflm.server.app import ServerConfig, build_app
+    from gguflm.server.engine import Engine
+
     t0 = time.perf_counter()
     model = Model.load(path, mode=args.mode, device=args.device)
     log.info("loaded %s in %.2f s", path, time.perf_counter() - t0)
@@ -144,35 +216,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         max_body_bytes=args.max_body_bytes,
     )
-    app = build_app(engine, config)
-    engine.start()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=3)
-    )
-    _announce(server, args)
-    uvicorn_exit = server.handle_exit
-
-    def handle_exit(sig: int, frame: object) -> None:
-        """On SIGINT / SIGTERM end running requests first (streams get an error event and [DONE]),
-        so that uvicorn's graceful shutdown finds no open stream to wait for."""
-        engine.request_stop()
-        uvicorn_exit(sig, frame)  # type: ignore[arg-type]
-
-    server.handle_exit = handle_exit  # type: ignore[method-assign]
-    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again under the handler it
-    # found: with this one the process ends with status 0 instead of dying of the signal
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    try:
-        server.run()
-    finally:
-        engine.stop()
-    return 0
+    return engine, build_app(engine, config)
 
 
 def _announce(server: object, args: argparse.Namespace) -> None:
     """Print the bound address on stderr once listening (port 0 picks a free port)."""
-    import sys
-
     original = server.startup  # type: ignore[attr-defined]
 
     async def startup(sockets: object = None) -> None:

@@ -86,6 +86,26 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
+class LoadingApp:
+    """The ASGI app the server listens with: 503 "Loading model" (llama-server's answer, with
+    Retry-After) on every route until `ready(app)` hands over the real one, so that a client polling
+    /health while a large model loads is told to wait instead of being refused."""
+
+    def __init__(self) -> None:
+        self.app: ASGIApp | None = None
+
+    def ready(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        app = self.app
+        if app is not None:
+            await app(scope, receive, send)
+        elif scope["type"] == "http":
+            response = error_response(503, "Loading model", "unavailable_error", {"Retry-After": "1"})
+            await response(scope, receive, send)
+
+
 class _BodyTooLarge(Exception):
     pass
 
