@@ -815,6 +815,39 @@ def test_random_bodies_never_get_a_server_error(server: Server) -> None:
     assert completion(server, "still fine", max_tokens=2)["usage"]["completion_tokens"] <= 2
 
 
+# ---- the real model ---------------------------------------------------------------------------------
+
+
+def test_smollm2_answers_like_llama_cpp_and_reuses_the_first_turn(
+    smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """SmolLM2's greedy answer (llama.cpp's too); the next turn reuses the cache and answers as a
+    request that reuses nothing."""
+    srv = start_server(
+        smollm2_path, tmp_path_factory.mktemp("smol"), "-np", "2", "-c", "2048", "--api-key", KEY
+    )
+    try:
+        client = srv.openai()
+        messages = [{"role": "user", "content": "What is the capital of Germany?"}]
+        first = client.chat.completions.create(model="m", messages=messages, temperature=0, max_tokens=16)
+        assert first.choices[0].message.content == "The capital of Germany is Berlin."
+        messages += [
+            {"role": "assistant", "content": first.choices[0].message.content},
+            {"role": "user", "content": "And of Italy?"},
+        ]
+        second = client.chat.completions.create(model="m", messages=messages, temperature=0, max_tokens=16)
+        assert first.usage is not None and second.usage is not None
+        details = second.usage.prompt_tokens_details
+        assert details is not None and details.cached_tokens is not None
+        assert details.cached_tokens >= first.usage.prompt_tokens - 2
+        fresh = client.chat.completions.create(
+            model="m", messages=messages, temperature=0, max_tokens=16, extra_body={"cache_prompt": False}
+        )
+        assert fresh.choices[0].message.content == second.choices[0].message.content
+    finally:
+        stop_server(srv)
+
+
 # ---- loading ------------------------------------------------------------------------------------------
 
 
