@@ -1,10 +1,12 @@
 """The engine thread: one `Context`, `n_parallel` slots (sequence ids), continuous batching.
 
-Every step builds ONE `Batch`: one token for each generating slot, plus prompt chunks of slots that
-are still reading their prompt (llama-server's chunked prefill). A prompt is cut into chunks at
-fixed offsets (multiples of `chunk`), and a chunk joins a step only whole (else it waits a step),
-so a request's batches, and with a batch-invariant Context its logits, do not depend on what else
-runs: greedy output equals the output of the request sent alone.
+Every step decodes one token for each generating slot plus prompt chunks of slots that are still
+reading their prompt (llama-server's chunked prefill), in one `Context.decode` when the step has at
+most `max_rows` rows (the per-row kernels' limit), else with each big chunk in a call of its own. A
+prompt is cut into chunks at fixed offsets (multiples of `chunk`), and a chunk joins a step only
+whole (else it waits a step), so a request's rows are always computed the same way and, with a
+batch-invariant Context, its logits do not depend on what else runs: greedy output equals the
+output of the request sent alone.
 
 Prefix reuse: a slot keeps the tokens its sequence holds after a request ends. A new request goes
 to the free slot whose tokens share the longest prefix with its prompt (ties: the slot used least
@@ -140,9 +142,15 @@ class Engine:
         threads: int | None = None,
         max_queue: int = 0,
         similarity: float = 0.5,
+        max_rows: int | None = None,
     ) -> None:
         from gguflm.context import Context
+        from gguflm.quants import NATIVE_MAX_ROWS
 
+        if max_rows is None:
+            max_rows = NATIVE_MAX_ROWS
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be at least 1, got {max_rows}")
         if n_parallel < 1:
             raise ValueError(f"--parallel must be at least 1, got {n_parallel}")
         if n_ctx < n_parallel * 2:
@@ -157,6 +165,7 @@ class Engine:
         self.n_parallel = n_parallel
         self.n_ctx_slot = n_ctx // n_parallel
         self.chunk = max(1, min(chunk, self.n_ctx_slot))
+        self.max_rows = max_rows  # rows per decode call (see _calls)
         n_batch = self.chunk + n_parallel
         # n_ubatch = n_batch: a step is never split, so a chunk never straddles micro-batches
         self.ctx = Context(model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_seq_max=n_parallel)
@@ -323,9 +332,6 @@ class Engine:
         return lru
 
     def _step(self) -> None:
-        from gguflm.batch import Batch
-        from gguflm.context import DECODE_OK
-
         # cancelled requests leave first; then waiting ones take free slots, oldest first
         for slot in self.slots:
             if slot.req is not None and slot.req.cancelled.is_set():
@@ -340,21 +346,12 @@ class Engine:
             self._dequeued(1)
             self._assign(slot, self.waiting.popleft())
 
-        tokens: list[int] = []
-        pos: list[int] = []
-        seqs: list[list[int]] = []
-        outputs: list[bool] = []
-        rows: list[tuple[_Slot, int]] = []  # slot, batch index of its output
-        fed: list[tuple[_Slot, list[int]]] = []  # what each slot's sequence gains with this step
+        # this step's segments: (slot, tokens, first position, whether its last row is an output)
+        segments: list[tuple[_Slot, list[int], int, bool]] = []
         for slot in self.slots:  # generating slots: one token each
-            if slot.busy and slot.next_token is not None:
-                rows.append((slot, len(tokens)))
-                fed.append((slot, [slot.next_token]))
-                tokens.append(slot.next_token)
-                pos.append(len(slot.cache))
-                seqs.append([slot.seq_id])
-                outputs.append(True)
-        budget = self.ctx.n_batch - len(tokens)
+            if slot.req is not None and slot.next_token is not None:
+                segments.append((slot, [slot.next_token], len(slot.cache), True))
+        budget = self.ctx.n_batch - len(segments)
         for slot in self.slots:  # prompt chunks at fixed offsets, whole or not at all
             req = slot.req
             n_fed = len(slot.cache)
@@ -364,23 +361,58 @@ class Engine:
             if len(part) > budget:
                 continue
             budget -= len(part)
-            fed.append((slot, part))
-            for i, t in enumerate(part):
-                tokens.append(t)
-                pos.append(n_fed + i)
-                seqs.append([slot.seq_id])
-                outputs.append(False)
-            if n_fed + len(part) == len(req.prompt):
-                outputs[-1] = True
+            segments.append((slot, part, n_fed, n_fed + len(part) == len(req.prompt)))
+        for call in self._calls(segments):
+            self._decode(call)
+
+    def _calls(
+        self, segments: list[tuple[_Slot, list[int], int, bool]]
+    ) -> list[list[tuple[_Slot, list[int], int, bool]]]:
+        """Group a step's segments into decode calls of at most `max_rows` rows, a longer segment
+        (a big prompt chunk) in a call of its own. Up to `max_rows` rows every matrix product runs
+        on the per-row kernels, so a row's result does not depend on the rows beside it; a big
+        chunk's products take another path, whose numbers may depend on the rows beside it: alone,
+        its rows are always computed the same way, and the generating rows never go that way."""
+        calls: list[list[tuple[_Slot, list[int], int, bool]]] = []
+        current: list[tuple[_Slot, list[int], int, bool]] = []
+        rows = 0
+        for seg in segments:
+            n = len(seg[1])
+            if n > self.max_rows:
+                calls.append([seg])
+                continue
+            if rows + n > self.max_rows:
+                calls.append(current)
+                current, rows = [], 0
+            current.append(seg)
+            rows += n
+        if current:
+            calls.append(current)
+        return calls
+
+    def _decode(self, call: list[tuple[_Slot, list[int], int, bool]]) -> None:
+        """One Context.decode of the call's segments, then sample the slots whose last row is out."""
+        from gguflm.batch import Batch
+        from gguflm.context import DECODE_OK
+
+        tokens: list[int] = []
+        pos: list[int] = []
+        seqs: list[list[int]] = []
+        outputs: list[bool] = []
+        rows: list[tuple[_Slot, int]] = []  # slot, batch index of its output
+        for slot, part, start, out in call:
+            tokens += part
+            pos += range(start, start + len(part))
+            seqs += [[slot.seq_id]] * len(part)
+            outputs += [False] * (len(part) - 1) + [out]
+            if out:
                 rows.append((slot, len(tokens) - 1))
-        if not tokens:
-            return
         status = self.ctx.decode(Batch.from_tokens(tokens, pos=pos, seq_ids=seqs, output=outputs))
         if status != DECODE_OK:
             raise RuntimeError(f"decode failed with status {status} for a step of {len(tokens)} tokens")
         self.metrics.n_decode += 1
         self.metrics.n_busy_slots += self.n_busy()
-        for slot, part in fed:
+        for slot, part, _, _ in call:
             slot.cache.extend(part)
             slot.next_token = None
         for slot, index in rows:
