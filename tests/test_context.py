@@ -181,6 +181,26 @@ def test_parallel_decode_steps_give_each_sequence_its_alone_logits_exactly(smoll
         assert all(torch.equal(g, w) for g, w in zip(together[s], want, strict=True)), f"sequence {s}"
 
 
+def test_a_decoding_sequence_beside_a_prompt_chunk_gets_its_alone_logits_exactly(smollm2: Model) -> None:
+    """A server step: one sequence's next token and another's 30-token prompt in one micro-batch. The
+    decoding row attends through the per-row kernel, the prompt through torch's attention, each set
+    alone: the decoding sequence's logits equal those it gets decoded alone, bit for bit."""
+    prompt, chunk, nxt = tokens_of(6, 7, smollm2.n_vocab), tokens_of(30, 8, smollm2.n_vocab), 42
+    alone = Context(smollm2, n_ctx=64)
+    assert alone.decode(Batch.from_tokens(prompt)) == 0
+    assert alone.decode(Batch.from_tokens([nxt])) == 0
+    ctx = Context(smollm2, n_ctx=128, n_seq_max=2)
+    assert ctx.decode(Batch.from_tokens(prompt, seq_ids=[[0]] * len(prompt))) == 0
+    step = Batch.from_tokens(
+        [nxt, *chunk], seq_ids=[[0]] + [[1]] * len(chunk), output=[True] + [False] * (len(chunk) - 1) + [True]
+    )
+    assert ctx.decode(step) == 0
+    assert torch.equal(ctx.logits(0), alone.logits(-1))
+    fresh = Context(smollm2, n_ctx=64)  # the prompt chunk's own logits: close to it decoded alone
+    assert fresh.decode(Batch.from_tokens(chunk)) == 0
+    assert close(ctx.logits(len(chunk)), fresh.logits(-1))
+
+
 def test_pos_none_continues_each_sequence(tiny_llama: Model) -> None:
     ctx = Context(tiny_llama, n_ctx=32, n_seq_max=2)
     assert ctx.decode(Batch.from_tokens([1, 2, 3], seq_ids=[[0]] * 3)) == 0

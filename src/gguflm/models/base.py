@@ -415,16 +415,22 @@ class Transformer:
             q = native.rope_store(
                 qkv, rotation, at.q_norm, at.k_norm, a.norm_eps, keys, values, ub.cells, n_head
             )  # (T, n_head, hd)
-            sets = ub.cell_sets(at.window)
-            if all(s.rows.shape[1] <= NATIVE_ATTENTION_ROWS for s in sets):
-                out = torch.empty_like(q)
-                for s in sets:
+            sets = ub.cell_sets(at.window)  # ub.groups (same order), or the whole micro-batch
+            small = [s.rows.shape[1] <= NATIVE_ATTENTION_ROWS for s in sets]
+            if ub.groups is None and not small[0]:  # one set, a prefill: torch's attention
+                return self.attend_torch(q.transpose(0, 1), at, il, ub)
+            out = torch.empty_like(q)
+            for s, is_small, g in zip(sets, small, ub.groups or sets, strict=True):
+                if is_small:
                     mask = s.masks[at.window]
                     native.attend_cells(
                         q, keys, values, s.rows, s.cells, mask, a.attn_scale, a.attn_softcap, out
                     )
-                return out.view(T, n_head * hd)
-            q = q.transpose(0, 1)  # (n_head, T, hd)
+                else:  # a prompt chunk beside decoding sequences (the server): torch's, for this set
+                    out[g.rows.flatten()] = self.attend_group(q.transpose(0, 1), g, at, il, ub).transpose(
+                        0, 1
+                    )
+            return out.view(T, n_head * hd)
         else:
             qk = qkv[:, : (n_head + n_head_kv) * hd].view(T, n_head + n_head_kv, hd)
             v = qkv[:, (n_head + n_head_kv) * hd :].view(T, n_head_kv, hd)  # (T, n_head_kv, hd)
@@ -444,34 +450,55 @@ class Transformer:
     def attend_torch(self, q: torch.Tensor, at: Attention, il: int, ub: UBatch) -> torch.Tensor:
         """q (n_head, T, hd) rope'd, the micro-batch's keys and values in the cache -> (T, n_head hd)
         through torch's fused attention, each sequence set alone (ub.groups) or all rows at once."""
-        a = self.args
-        (n_head, T, hd), n_head_kv = q.shape, a.n_head_kv
-        kv = ub.kv
-        cached_k, cached_v = kv.k[il, : ub.n_kv], kv.v[il, : ub.n_kv]  # (n_kv, n_head_kv, hd)
-        if T >= PREFILL_ROWS:
-            q = q.to(self.attn_dtype_prefill)
-        if cached_k.dtype != q.dtype:
-            cached_k, cached_v = cached_k.to(q.dtype), cached_v.to(q.dtype)
-        scale, softcap = a.attn_scale, a.attn_softcap
+        n_head, T, hd = q.shape
         if ub.groups is None:
-            mask = ub.masks[at.window]
+            cached_k, cached_v = self.cached_kv(q, il, ub)
             keys, values = cached_k.transpose(0, 1), cached_v.transpose(0, 1)  # (n_head_kv, n_kv, hd)
+            mask = ub.masks[at.window]
             out = attend(
-                q[None], keys[None], values[None], None if mask is None else mask[None], scale, softcap
+                self.attn_input(q)[None],
+                keys[None],
+                values[None],
+                None if mask is None else mask[None],
+                self.args.attn_scale,
+                self.args.attn_softcap,
             )
             return out[0].transpose(0, 1).reshape(T, n_head * hd)
         out = torch.empty_like(q)  # (n_head, T, hd)
         for g in ub.groups:
-            (n_sets, n_rows), n_cells = g.rows.shape, g.cells.shape[1]
-            g_rows, g_cells = g.rows.flatten(), g.cells.flatten()
-            # (B, n_head, R, hd) queries, (B, n_head_kv, C, hd) keys and values
-            q_g = q[:, g_rows].view(n_head, n_sets, n_rows, hd).transpose(0, 1)
-            # the same strides as the cache's own keys: the same arithmetic as alone
-            k_g = cached_k.index_select(0, g_cells).view(n_sets, n_cells, n_head_kv, hd).transpose(1, 2)
-            v_g = cached_v.index_select(0, g_cells).view(n_sets, n_cells, n_head_kv, hd).transpose(1, 2)
-            o = attend(q_g, k_g, v_g, g.masks[at.window], scale, softcap)  # (B, n_head, R, hd)
-            out[:, g_rows] = o.transpose(0, 1).reshape(n_head, n_sets * n_rows, hd).to(out.dtype)
+            out[:, g.rows.flatten()] = self.attend_group(q, g, at, il, ub)
         return out.transpose(0, 1).reshape(T, n_head * hd)
+
+    def attn_input(self, q: torch.Tensor) -> torch.Tensor:
+        """q (n_head, T, hd) in the dtype torch's attention runs in: bf16 for a prefill where the CPU
+        has bf16 arithmetic (fast mode), else as it is."""
+        return q.to(self.attn_dtype_prefill) if q.shape[1] >= PREFILL_ROWS else q
+
+    def cached_kv(self, q: torch.Tensor, il: int, ub: UBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer il's cached keys and values of cells [0, n_kv), (n_kv, n_head_kv, hd), in q's dtype
+        for torch's attention (attn_input)."""
+        kv, dtype = ub.kv, self.attn_input(q).dtype
+        cached_k, cached_v = kv.k[il, : ub.n_kv], kv.v[il, : ub.n_kv]
+        if cached_k.dtype != dtype:
+            cached_k, cached_v = cached_k.to(dtype), cached_v.to(dtype)
+        return cached_k, cached_v
+
+    def attend_group(
+        self, q: torch.Tensor, g: SequenceGroup, at: Attention, il: int, ub: UBatch
+    ) -> torch.Tensor:
+        """q (n_head, T, hd) -> (n_head, B R, hd): the B sets of group g, each alone over its own cells
+        (the same strides as the cache's own keys: the same arithmetic as when decoded alone)."""
+        n_head, _, hd = q.shape
+        n_head_kv = self.args.n_head_kv
+        cached_k, cached_v = self.cached_kv(q, il, ub)
+        (n_sets, n_rows), n_cells = g.rows.shape, g.cells.shape[1]
+        g_rows, g_cells = g.rows.flatten(), g.cells.flatten()
+        # (B, n_head, R, hd) queries, (B, n_head_kv, C, hd) keys and values
+        q_g = self.attn_input(q)[:, g_rows].view(n_head, n_sets, n_rows, hd).transpose(0, 1)
+        k_g = cached_k.index_select(0, g_cells).view(n_sets, n_cells, n_head_kv, hd).transpose(1, 2)
+        v_g = cached_v.index_select(0, g_cells).view(n_sets, n_cells, n_head_kv, hd).transpose(1, 2)
+        o = attend(q_g, k_g, v_g, g.masks[at.window], self.args.attn_scale, self.args.attn_softcap)
+        return o.transpose(0, 1).reshape(n_head, n_sets * n_rows, hd).to(q.dtype)
 
     # -- the engine's entry points --
 
