@@ -57,6 +57,18 @@ class Server:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=KEY, timeout=TIMEOUT, max_retries=0)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """This module's in-process model work on one thread, as its servers run (-t 1): on shared
+    cores two spinning threads make a step many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def start_server(model: Path, log_dir: Path, *args: str) -> Server:
     port = free_port()
     log = log_dir / "server.log"
@@ -928,8 +940,6 @@ def test_a_failing_sampler_ends_only_its_request(tiny_llama_path: Path) -> None:
 def test_a_generating_request_is_untouched_by_a_long_prompt_beside_it(smollm2: object) -> None:
     """In-process Engine on SmolLM2, stepped by hand: request A's logprobs while a 260-token prompt
     is read beside it (a 256-token chunk, then 4) equal A's logprobs alone, bit for bit."""
-    import torch
-
     from gguflm.sampling import Sampler, SamplerParams
     from gguflm.server.engine import Engine, GenRequest
 
@@ -950,20 +960,15 @@ def test_a_generating_request_is_untouched_by_a_long_prompt_beside_it(smollm2: o
         while engine.slots[0].busy or engine.slots[1].busy or engine.waiting:
             engine._step()
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the engine's one thread, as the test servers run: fast on shared cores
-    try:
-        alone: list = []
-        engine._take(request(a_prompt, alone))
-        run_until_idle()
-        beside: list = []
-        engine._take(request(a_prompt, beside))
-        for _ in range(2):  # A reads its prompt and generates a token
-            engine._step()
-        engine._take(request(b_prompt, []))
-        run_until_idle()
-    finally:
-        torch.set_num_threads(threads)
+    alone: list = []
+    engine._take(request(a_prompt, alone))
+    run_until_idle()
+    beside: list = []
+    engine._take(request(a_prompt, beside))
+    for _ in range(2):  # A reads its prompt and generates a token
+        engine._step()
+    engine._take(request(b_prompt, []))
+    run_until_idle()
     assert len(logprobs(alone)) == 6
     assert logprobs(beside) == logprobs(alone)
 
