@@ -80,15 +80,19 @@ def _weights(qtype: QT, n: int, k: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(quantize(w, qtype).reshape(-1).copy())
 
 
-def _check(y: torch.Tensor, x: torch.Tensor, raw: torch.Tensor, qtype: QT, n: int) -> tuple[float, float]:
-    """Assert the derived bound; return (max error / max |ref|, mean error / mean |ref|)."""
+def _check(
+    y: torch.Tensor, x: torch.Tensor, raw: torch.Tensor, qtype: QT, n: int, levels: int = 1
+) -> tuple[float, float]:
+    """Assert the derived bound; return (max error / max |ref|, mean error / mean |ref|). With two
+    levels the leftover |r| <= max|x_b| / 254 is quantized again: half a step <= max|x_b| / 254^2."""
     m, k = x.shape
     w = quants.dequantize(raw, qtype, (n, k)).double()  # (n, k), exact
     xd = x.double()
     ref = xd @ w.T  # (m, n)
     assert y.shape == (m, n) and y.dtype == torch.float32
     err = (y.double() - ref).abs()
-    half_step = (xd.abs().view(m, k // 32, 32).amax(-1) / 254).repeat_interleave(32, dim=1)  # (m, k)
+    steps = 254.0**levels
+    half_step = (xd.abs().view(m, k // 32, 32).amax(-1) / steps).repeat_interleave(32, dim=1)  # (m, k)
     bound = half_step @ w.abs().T + 1e-5 * (xd.abs() @ w.abs().T)
     worst = (err - bound).max().item()
     assert worst <= 0, f"{qtype.name}: error exceeds the activation-rounding bound by {worst}"
@@ -423,3 +427,23 @@ def test_gated_activation_matches_float64(path: str, gelu: bool) -> None:
     gate, up = gate_up.double().chunk(2, dim=-1)
     act = torch.nn.functional.gelu(gate, approximate="tanh") if gelu else torch.nn.functional.silu(gate)
     torch.testing.assert_close(mod.gated(gate_up, gelu).double(), act * up, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", _paths())
+@pytest.mark.parametrize(("qtype", "k"), CASES, ids=[f"{qt.name}-K{k}" for qt, k in CASES])
+def test_two_level_activations_meet_the_finer_bound(path: str, qtype: QT, k: int) -> None:
+    """GGUFLM_ACTIVATIONS=q8x2: within max|x_b| / 254^2 per element (plus fp32 rounding), and each row's
+    result still independent of the rows sharing the call."""
+    mod = _module(path)
+    n = 48
+    raw = _weights(qtype, n, k, seed=9)
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(10))
+    y = mod.qmatmul(x, raw, int(qtype), n, 2)
+    _, rel_mean = _check(y, x, raw, qtype, n, levels=2)
+    assert rel_mean < 2e-4, rel_mean  # against ~0.6% with one level
+    for row in range(5):
+        assert torch.equal(
+            mod.qmatmul(x[row : row + 1].contiguous(), raw, int(qtype), n, 2), y[row : row + 1]
+        )
+    with pytest.raises(RuntimeError, match="levels must be 1 or 2"):
+        mod.qmatmul(x, raw, int(qtype), n, 3)

@@ -40,6 +40,17 @@ def kernel_choice() -> str:
     return choice
 
 
+def activation_levels() -> int:
+    """GGUFLM_ACTIVATIONS: how the native kernels quantize activations. q8 (default): 8 bits per value
+    in blocks of 32, as llama.cpp does (SmolLM2 on GPL-3, against fp32: top-1 95.9%, KL 0.0034; llama.cpp
+    96.0%, 0.0037); q8x2: the rounding left over quantized again, finer than bf16 (97.9%, 0.0005) for
+    twice the integer work (decode +11% on 2 Zen 4 cores, 16 parallel sequences +85%)."""
+    value = os.environ.get("GGUFLM_ACTIVATIONS", "q8").strip().lower() or "q8"
+    if value not in ("q8", "q8x2"):
+        raise ValueError(f"GGUFLM_ACTIVATIONS={value!r}: expected q8 or q8x2")
+    return 2 if value == "q8x2" else 1
+
+
 def use_native_kernels() -> bool:
     """Whether the fast mode runs on gguflm.kernels where they build: everywhere but GGUFLM_KERNELS=torch."""
     return kernel_choice() != "torch"

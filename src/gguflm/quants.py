@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from gguflm import kernels
-from gguflm.cpu import has_fast_bf16, prefill_dtype, use_native_kernels
+from gguflm.cpu import activation_levels, has_fast_bf16, prefill_dtype, use_native_kernels
 
 QT = gguf.GGMLQuantizationType
 QK_K = 256  # elements in a K-quant super-block
@@ -550,6 +550,7 @@ class QuantizedLinear(torch.nn.Module):
             if native is None or self.qtype not in kernels.SUPPORTED:
                 raise ValueError(f"no native kernel for {self.qtype.name} on {self.device} here")
             self._qmatmul = native.qmatmul
+            self._levels = activation_levels()  # 8-bit codes per activation: 1 (llama.cpp's) or 2
             if len(self._parts) > 1:  # parts stacked in one buffer: one call, activations quantized once
                 self._raw = torch.cat([raw for raw, _ in self._parts])
                 # the parts become views of it: the file's pages are not read again (prefill's chunks)
@@ -679,7 +680,7 @@ class QuantizedLinear(torch.nn.Module):
 
     def _native_mm(self, x2: torch.Tensor) -> torch.Tensor:
         """(M, in) fp32 -> (M, out) fp32 through the native kernels, straight from the GGUF bytes."""
-        return self._qmatmul(x2.float(), self._raw, int(self.qtype), self.out_features)
+        return self._qmatmul(x2.float(), self._raw, int(self.qtype), self.out_features, self._levels)
 
     def _int4_mm(self, xb: torch.Tensor) -> torch.Tensor:
         """(M, in) bf16 -> (M, out) bf16 through the int4 kernel, activations laid out like the planes."""

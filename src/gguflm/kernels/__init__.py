@@ -87,7 +87,7 @@ def _build_key(flags: list[str]) -> str:
 
 
 class NativeKernels:
-    """One build's operators (registered as torch.ops.<ns>): `qmatmul(x, raw, qtype, n_out)`, the decode
+    """One build's operators (registered as torch.ops.<ns>): `qmatmul(x, raw, qtype, n_out, levels=1)`, the decode
     attention pair `rope_store` and `attend_cells` (attention.cpp), `rms_norm` and `gated` (rowwise.cpp), and `isa()`."""
 
     def __init__(self, namespace: str, library: str) -> None:
@@ -166,9 +166,11 @@ def isa(name: str | None = None) -> str:
 
 
 def matmul(
-    x: torch.Tensor, raw: torch.Tensor, qtype: QT, n_out: int, name: str | None = None
+    x: torch.Tensor, raw: torch.Tensor, qtype: QT, n_out: int, name: str | None = None, levels: int = 1
 ) -> torch.Tensor:
     """y (M, n_out) fp32 = x (M, K) fp32 @ W^T, W (n_out, K) given as its raw GGUF bytes (flat uint8).
+    levels 2: each activation block quantized twice (the value, then what its rounding left), for an
+    error of max|x_b| / 254^2 instead of max|x_b| / 254 (gguflm.cpu.activation_levels).
 
     Raises RuntimeError where the native kernels are unavailable (check `native()` first) and
     ValueError for a format outside SUPPORTED; shape and dtype errors come from the C++ checks.
@@ -179,4 +181,4 @@ def matmul(
     mod = native(name)
     if mod is None:
         raise RuntimeError("gguflm native kernels are unavailable (GGUFLM_KERNELS=torch or the build failed)")
-    return mod.qmatmul(x, raw, int(qtype), int(n_out))
+    return mod.qmatmul(x, raw, int(qtype), int(n_out), int(levels))

@@ -71,28 +71,48 @@ struct Q8Act {
   std::vector<float> s;      // (M, nb) d * sum of the block's codes
 };
 
-void quantize_rows(const float* x, int64_t M, int64_t K, Q8Act& a) {
-  a.M = M;
+// 32 values -> codes q = round(x / d), d = max|x| / 127; returns d, sets *sum to the codes' sum
+inline float quantize_block(const float* xb, int8_t* qb, int* sum) {
+  float amax = 0.f;
+  for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
+  const float d = amax / 127.f;
+  const float id = d ? 1.f / d : 0.f;
+  *sum = 0;
+  for (int i = 0; i < 32; ++i) {
+    const int v = (int)std::nearbyint(xb[i] * id);  // round half to even, like ggml's AVX path
+    qb[i] = (int8_t)v;
+    *sum += v;
+  }
+  return d;
+}
+
+// levels = 1: row m of x -> activation row m (llama.cpp's Q8 activations).
+// levels = 2: row m -> activation rows 2m (x quantized) and 2m + 1 (what that rounding left, x - d q,
+// quantized again): their products sum to x's within max|x_b| / 254^2 per element instead of
+// max|x_b| / 254, finer than bf16, for twice the integer work (weights are decoded once per tile).
+void quantize_rows(const float* x, int64_t M, int64_t K, int levels, Q8Act& a) {
+  a.M = M * levels;
   a.nb = K / 32;
-  a.q.resize(M * K);
-  a.d.resize(M * a.nb);
-  a.s.resize(M * a.nb);
+  a.q.resize(a.M * K);
+  a.d.resize(a.M * a.nb);
+  a.s.resize(a.M * a.nb);
+  float rest[32];
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t b = 0; b < a.nb; ++b) {
       const float* xb = x + m * K + b * 32;
-      float amax = 0.f;
-      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
-      const float d = amax / 127.f;
-      const float id = d ? 1.f / d : 0.f;
-      int8_t* qb = a.q.data() + m * K + b * 32;
-      int sum = 0;
-      for (int i = 0; i < 32; ++i) {
-        const int v = (int)std::nearbyint(xb[i] * id);  // round half to even, like ggml's AVX path
-        qb[i] = (int8_t)v;
-        sum += v;
+      const int64_t r = m * levels;  // the first activation row of x's row m
+      int8_t* qb = a.q.data() + r * K + b * 32;
+      int sum;
+      const float d = quantize_block(xb, qb, &sum);
+      a.d[r * a.nb + b] = d;
+      a.s[r * a.nb + b] = d * (float)sum;
+      if (levels == 2) {
+        for (int i = 0; i < 32; ++i) rest[i] = xb[i] - d * (float)qb[i];
+        int8_t* qr = a.q.data() + (r + 1) * K + b * 32;
+        const float dr = quantize_block(rest, qr, &sum);
+        a.d[(r + 1) * a.nb + b] = dr;
+        a.s[(r + 1) * a.nb + b] = dr * (float)sum;
       }
-      a.d[m * a.nb + b] = d;
-      a.s[m * a.nb + b] = d * (float)sum;
     }
   }
 }
@@ -450,8 +470,9 @@ bool lookup(int64_t qtype, Format& f) {
 
 }  // namespace
 
-// x (M, K) fp32, raw: flat uint8 GGUF bytes of W (n_out, K) -> y (M, n_out) fp32
-at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& raw, int64_t qtype, int64_t n_out) {
+// x (M, K) fp32, raw: flat uint8 GGUF bytes of W (n_out, K) -> y (M, n_out) fp32; levels: 1 or 2
+// activation codes per value (quantize_rows)
+at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& raw, int64_t qtype, int64_t n_out, int64_t levels) {
   Format f;
   TORCH_CHECK(lookup(qtype, f), "qmatmul: ggml type ", qtype, " is not supported by the native kernels");
   TORCH_CHECK(x.device().is_cpu() && raw.device().is_cpu(), "qmatmul: tensors must be on the CPU");
@@ -460,6 +481,7 @@ at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& raw, int64_t qtype, in
   TORCH_CHECK(raw.scalar_type() == at::kByte, "qmatmul: raw must be uint8, got ", raw.scalar_type());
   TORCH_CHECK(raw.dim() == 1 && raw.is_contiguous(), "qmatmul: raw must be a flat contiguous uint8 tensor");
   TORCH_CHECK(n_out >= 0, "qmatmul: n_out must be >= 0, got ", n_out);
+  TORCH_CHECK(levels == 1 || levels == 2, "qmatmul: levels must be 1 or 2, got ", levels);
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(K % f.qk == 0, "qmatmul: K = ", K, " is not a multiple of the block size ", f.qk);
   const int64_t row_bytes = K / f.qk * f.bytes, need = n_out * row_bytes;
@@ -470,9 +492,10 @@ at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& raw, int64_t qtype, in
   if (M == 0 || n_out == 0) return y;
   if (K == 0) return y.zero_();
   Q8Act a;
-  quantize_rows(xc.data_ptr<float>(), M, K, a);  // once per call, shared by all threads
+  quantize_rows(xc.data_ptr<float>(), M, K, (int)levels, a);  // once per call, shared by all threads
   const uint8_t* W = raw.data_ptr<uint8_t>();
-  float* yp = y.data_ptr<float>();
+  at::Tensor y_act = levels == 1 ? y : at::empty({a.M, n_out}, x.options());  // a row per activation row
+  float* yp = y_act.data_ptr<float>();
   // grain: at least ~16 KiB of weights per task, so small layers are not cut into tiny pieces
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row_bytes));
   at::parallel_for(0, n_out, grain, [&](int64_t n0, int64_t n1) {
@@ -480,14 +503,20 @@ at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& raw, int64_t qtype, in
     // in cache while every tile of activation rows passes over it
     for (int64_t p0 = n0; p0 < n1; p0 += grain) {
       const int64_t p1 = std::min(n1, p0 + grain);
-      for (int64_t m0 = 0; m0 < M;) {
-        const int64_t left = M - m0;
+      for (int64_t m0 = 0; m0 < a.M;) {
+        const int64_t left = a.M - m0;
         const int t = left >= 8 ? 3 : left >= 4 ? 2 : left >= 2 ? 1 : 0;
         f.tile[t](W, K, a, m0, yp, n_out, p0, p1);
         m0 += int64_t(1) << t;
       }
     }
   });
+  if (levels == 2) {  // y[m] = y_act[2m] + y_act[2m + 1]
+    const float* ya = y_act.data_ptr<float>();
+    float* yo = y.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < n_out; ++n) yo[m * n_out + n] = ya[2 * m * n_out + n] + ya[(2 * m + 1) * n_out + n];
+  }
   return y;
 }
 
@@ -504,6 +533,6 @@ std::string isa() {
 // Registered as torch operators (no pybind11: the build is faster); GGUFLM_NS is the op namespace,
 // unique per build so several builds (paths) can be loaded in one process.
 TORCH_LIBRARY(GGUFLM_NS, m) {
-  m.def("qmatmul(Tensor x, Tensor raw, int qtype, int n_out) -> Tensor", &qmatmul);
+  m.def("qmatmul(Tensor x, Tensor raw, int qtype, int n_out, int levels=1) -> Tensor", &qmatmul);
   m.def("isa() -> str", &isa);
 }
