@@ -29,7 +29,7 @@ from gguflm.gguf_file import GGUFFile
 QT = gguf.GGMLQuantizationType
 
 LEGACY = [QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1]  # gguf-py can quantize these
-K_QUANTS = [QT.Q4_K, QT.Q6_K]
+K_QUANTS = [QT.Q4_K, QT.Q5_K, QT.Q6_K]
 
 
 def test_supported_formats() -> None:
@@ -62,7 +62,7 @@ def _random_blocks(qtype: QT, n: int, k: int, rng: np.random.Generator) -> torch
     def f16(lo: float, hi: float) -> np.ndarray:
         return rng.uniform(lo, hi, size=raw.shape[0]).astype(np.float16).view(np.uint8).reshape(-1, 2)
 
-    if qtype == QT.Q4_K:
+    if qtype in (QT.Q4_K, QT.Q5_K):
         raw[:, 0:2] = f16(1e-3, 2e-3)  # d
         raw[:, 2:4] = f16(1e-3, 2e-3)  # dmin
     elif qtype == QT.Q6_K:

@@ -34,7 +34,7 @@
 namespace {
 
 // ggml type ids (gguf.GGMLQuantizationType)
-constexpr int64_t T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q4_K = 12, T_Q6_K = 14;
+constexpr int64_t T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14;
 
 inline float f16_to_f32(const uint8_t* p) {
   uint16_t h;
@@ -292,6 +292,33 @@ struct FQ4_K {
   }
 };
 
+// Q5_K, super-block of 256 = 8 sub-blocks of 32:
+//   d f16 | dmin f16 | scales[12] (as Q4_K) | qh[32] | qs[128]
+//   sub-block j: low 4 bits as Q4_K's (qs[32*(j/2) + l], nibble j&1), 5th bit = bit j of qh[l]
+//   value = d * sc[j] * q - dmin * mn[j]
+struct FQ5_K {
+  static constexpr int QK = 256, BYTES = 176;
+  static constexpr Kind kind = UNSIGNED;
+  using Head = FQ4_K::Head;
+  static inline void head(const uint8_t* b, Head& h) { FQ4_K::head(b, h); }
+  static inline void decode(const uint8_t* b, const Head& hd, int j, Chunk& c) {
+    c.dw = hd.dw[j];
+    c.cw = hd.cw[j];
+    const uint8_t* q = b + 48 + 32 * (j / 2);
+    const uint8_t* qh = b + 16;
+    const int shift = 4 * (j & 1);
+#if defined(__AVX2__)
+    const __m256i lo = _mm256_and_si256(_mm256_srli_epi16(_mm256_loadu_si256((const __m256i*)q), shift),
+                                        _mm256_set1_epi8(0x0F));
+    const __m256i hi = _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(_mm256_loadu_si256((const __m256i*)qh), j), 4),
+                                        _mm256_set1_epi8(0x10));
+    c.u = _mm256_or_si256(lo, hi);
+#else
+    for (int l = 0; l < 32; ++l) c.u[l] = (int8_t)(((q[l] >> shift) & 0x0F) | (((qh[l] >> j) & 1) << 4));
+#endif
+  }
+};
+
 // Q6_K, super-block of 256 = 16 sub-blocks of 16 (two per 32-element chunk):
 //   ql[128] (low 4 bits) | qh[64] (high 2 bits) | scales int8[16] | d f16
 //   chunk j (0..7): half h = j / 4, k = j % 4; element l (0..31) has
@@ -463,6 +490,7 @@ bool lookup(int64_t qtype, Format& f) {
     case T_Q5_1: f = format_of<FQ5_1>(); return true;
     case T_Q8_0: f = format_of<FQ8_0>(); return true;
     case T_Q4_K: f = format_of<FQ4_K>(); return true;
+    case T_Q5_K: f = format_of<FQ5_K>(); return true;
     case T_Q6_K: f = format_of<FQ6_K>(); return true;
     default: return false;
   }
