@@ -45,14 +45,7 @@ inline float dot(const float* a, const float* b, int64_t n) {
 
 // x (n) <- x * w / sqrt(mean(x^2) + eps)
 inline void rms_norm_inplace(float* x, const float* w, int64_t n, float eps) {
-  float acc[LANES] = {};
-  int64_t i = 0;
-  for (; i + LANES <= n; i += LANES)
-    for (int l = 0; l < LANES; ++l) acc[l] += x[i + l] * x[i + l];
-  float s = 0.f;
-  for (; i < n; ++i) s += x[i] * x[i];
-  for (int l = 0; l < LANES; ++l) s += acc[l];
-  const float r = 1.f / std::sqrt(s / float(n) + eps);
+  const float r = 1.f / std::sqrt(dot(x, x, n) / float(n) + eps);
   for (int64_t j = 0; j < n; ++j) x[j] = x[j] * r * w[j];
 }
 
