@@ -1,7 +1,7 @@
 """Load test for `gguflm serve`, side by side with llama-server on the same GGUF file and slots.
 
     python benchmarks/serve_load.py [-m MODEL] [--clients 1,4,16] [--max-tokens 64]
-                                    [--llama-server PATH] [--threads 2]
+                                    [--llama-server PATH] [--threads N]
 
 For each client count N it starts the server with `-np N` (and `-c` = N x --slot-ctx), then N
 clients each stream `--requests` chat completions (fixed prompts, temperature 0, `ignore_eos` so
@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import itertools
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -161,7 +160,7 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=2, help="requests per client")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--slot-ctx", type=int, default=512, help="KV cache tokens per slot")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--threads", type=int, help="-t for both servers (default: each server's own)")
     p.add_argument("--llama-server", help="path to a llama-server binary to compare with")
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--logs", default="/tmp", help="folder for the servers' logs")
@@ -172,7 +171,9 @@ def main() -> int:
         args.model = str(default_model_path())
     rows: list[Row] = []
     for n in [int(x) for x in args.clients.split(",")]:
-        common = ["-m", args.model, "-np", str(n), "-c", str(n * args.slot_ctx), "-t", str(args.threads)]
+        common = ["-m", args.model, "-np", str(n), "-c", str(n * args.slot_ctx)]
+        if args.threads:
+            common += ["-t", str(args.threads)]
         servers = [("gguflm serve", [sys.executable, "-m", "gguflm", "serve", *common])]
         if args.llama_server:
             servers.append(("llama-server", [args.llama_server, *common]))

@@ -92,11 +92,26 @@ def add_serve_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
         "--mode", choices=MODES, default="fast", help="fast: packed quantized kernels; reference: fp32"
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument(
+        "-t",
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads that decode (default: all cores but one, which the HTTP side keeps: on 2 "
+        "cores, 2 decode threads beside the HTTP thread stalled steps for a second at a time)",
+    )
     p.add_argument(
         "--chunk", type=int, default=256, help="prompt tokens a slot reads per step (chunked prefill)"
     )
     p.set_defaults(func=cmd_serve)
+
+
+def _default_threads() -> int:
+    """All the cores this process may use but one, for the HTTP side (at least 1)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 def _pooling(model: object) -> str:
@@ -204,7 +219,7 @@ def _load(args: argparse.Namespace, path: Path) -> tuple[Engine, FastAPI]:
         chunk=args.chunk,
         embeddings=args.embeddings,
         pooling=args.pooling or _pooling(model),
-        threads=args.threads,
+        threads=args.threads or _default_threads(),
         max_queue=args.max_queue,
         similarity=args.slot_prompt_similarity,
     )
