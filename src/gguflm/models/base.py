@@ -21,7 +21,7 @@ from gguflm.cpu import prefill_dtype, use_native_kernels
 from gguflm.gguf_file import GGUFError, GGUFFile, TensorInfo
 from gguflm.kv_cache import KVCache
 from gguflm.models.rope import Rope, neox_head_order, neox_to_pairs, rope_frequencies
-from gguflm.quants import QT, QuantizedLinear, dequantize
+from gguflm.quants import NATIVE_MAX_ROWS, QT, QuantizedLinear, dequantize
 
 PREFILL_ROWS = 64  # micro-batches of at least this many rows count as prefill
 # sequence sets of up to this many rows attend through the native kernel (decode), more through torch's
@@ -377,7 +377,10 @@ class Transformer:
         """(T, n_embd) -> (T, n_embd) float32: down(act(gate h) * up h), gate being gate_up's first half;
         act SiLU (SwiGLU) or tanh-approximated GELU (GeGLU, Gemma)."""
         both = gate_up(h).float()  # (T, 2 n_ff)
-        if self.kernels is not None:
+        # decode through the native op (one call for chunk, act and mul); prefill through torch's
+        # vectorized exp/tanh, 10x faster over 512 rows than the op's scalar ones. The split is the
+        # matmuls' (NATIVE_MAX_ROWS): a decode row never shares a call with more rows than that.
+        if self.kernels is not None and h.shape[0] <= NATIVE_MAX_ROWS:
             return down(self.kernels.gated(both, gelu)).float()
         gate, up = both.chunk(2, dim=-1)  # (T, n_ff) each
         act = F.gelu(gate, approximate="tanh") if gelu else F.silu(gate)
