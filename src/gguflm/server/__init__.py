@@ -97,8 +97,9 @@ def add_serve_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
         "--threads",
         type=int,
         default=None,
-        help="CPU threads that decode (default: all cores but one, which the HTTP side keeps: on 2 "
-        "cores, 2 decode threads beside the HTTP thread stalled steps for a second at a time)",
+        help="CPU threads that decode (default: every core, as llama-server; on 2 idle Zen 4 cores, "
+        "16 clients: 246 t/s with -t 2, 159 with -t 1. Where other processes keep the cores busy, "
+        "fewer threads than cores avoids steps stalled behind the HTTP thread)",
     )
     p.add_argument(
         "--chunk", type=int, default=256, help="prompt tokens a slot reads per step (chunked prefill)"
@@ -107,11 +108,10 @@ def add_serve_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
 
 
 def _default_threads() -> int:
-    """All the cores this process may use but one, for the HTTP side (at least 1)."""
+    """All the cores this process may use (llama-server's default too)."""
     import os
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores - 1)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _pooling(model: object) -> str:
