@@ -65,6 +65,55 @@ def test_run_without_prompt_display(capsys: pytest.CaptureFixture[str]) -> None:
     assert out.startswith(" Paris")
 
 
+def test_run_prints_what_the_library_generates(capsys: pytest.CaptureFixture[str], smollm2: Model) -> None:
+    """gguflm run and gguflm.LLM share one generation loop: a seeded sampled continuation and a grammar
+    give the same text through either."""
+    from gguflm.llm import LLM
+
+    llm = LLM(model=smollm2, n_ctx=256)
+    for extra, kwargs in (
+        (["--temp", "0.8", "--seed", "5"], {"temperature": 0.8, "seed": 5}),
+        (
+            ["--temp", "0", "--grammar", 'root ::= " yes" | " no"'],
+            {"temperature": 0.0, "grammar": 'root ::= " yes" | " no"'},
+        ),
+    ):
+        code, out, _ = run_cli(
+            capsys,
+            "run",
+            "-p",
+            "Is Paris in France? Answer:",
+            "-n",
+            "10",
+            "-c",
+            "256",
+            "--no-display-prompt",
+            *extra,
+        )
+        assert code == 0
+        want = llm.complete("Is Paris in France? Answer:", max_tokens=10, **kwargs)["choices"][0]["text"]
+        assert out == want + "\n", (extra, out, want)
+
+
+def test_run_fills_the_context_and_stops(capsys: pytest.CaptureFixture[str]) -> None:
+    """-n -1: until the end of generation or a full context (the last token sampled from the last cell,
+    not decoded), then a clean exit."""
+    code, out, _ = run_cli(
+        capsys,
+        "run",
+        "-p",
+        "One two three",
+        "-c",
+        "16",
+        "-n",
+        "-1",
+        "--temp",
+        "0",
+        "--no-display-prompt",
+    )
+    assert code == 0 and out.endswith("\n") and len(out.strip()) > 0
+
+
 def test_inspect(capsys: pytest.CaptureFixture[str], smollm2_path: Path) -> None:
     code, out, _ = run_cli(capsys, "inspect", str(smollm2_path))
     assert code == 0

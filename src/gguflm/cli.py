@@ -71,11 +71,10 @@ def read_text(args: argparse.Namespace) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from gguflm.context import Context
-    from gguflm.generate import generate
-    from gguflm.grammar import constrain
+    from gguflm.batch import Batch
+    from gguflm.context import DECODE_OK, Context
+    from gguflm.generate import DecodeError, Generation, decode_tokens
     from gguflm.sampling import Sampler
-    from gguflm.tokenizer import StreamDecoder
 
     model = load_model(args)
     tok = model.tokenizer
@@ -88,29 +87,40 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(f"the prompt has {len(prompt)} tokens, the context holds {n_ctx} (raise -c)")
     params = sampler_params(args)
     grammar = grammar_from_args(args)  # checked before anything is decoded
-    ctx = Context(model, n_ctx=n_ctx, n_batch=args.batch_size, n_ubatch=min(args.batch_size, 512))
-    sampler = Sampler(params, n_ctx=n_ctx, tokenizer=tok)
-    sampler.accept_prompt(prompt)  # llama.cpp's penalties see the prompt too
-    sample: Callable[[torch.Tensor], int] = sampler
-    if grammar is not None:
-        sample = constrain(grammar.matcher(tok), sampler)
     out = sys.stdout
     if not args.no_display_prompt:
         out.write(prompt_text)
         out.flush()
-    stream = StreamDecoder(tok)
+    # up to a full context: the last token is sampled from the last cell's logits, never decoded
+    room = n_ctx - len(prompt) + 1
+    max_tokens = room if args.n_predict < 0 else min(args.n_predict, room)
+    if max_tokens == 0:
+        out.write("\n")
+        return 0
+    ctx = Context(model, n_ctx=n_ctx, n_batch=args.batch_size, n_ubatch=min(args.batch_size, 512))
+    sampler = Sampler(params, n_ctx=n_ctx, tokenizer=tok)
+    sampler.accept_prompt(prompt)  # llama.cpp's penalties see the prompt too
+    matcher = grammar.matcher(tok) if grammar is not None else None
+    # the one generation loop of gguflm.LLM and the server: sampler, grammar, finish
+    gen = Generation(tok, sampler, max_tokens, matcher=matcher)
     t0 = time.perf_counter()
+    decode_tokens(ctx, prompt, 0)
     t_first = None
-    n = 0
-    for token in generate(ctx, prompt, args.n_predict, sample):
+    token: int | None = 0
+    while token is not None:
+        pieces, token = gen.step(ctx.logits(-1))
         if t_first is None:
             t_first = time.perf_counter()
-        n += 1
-        out.write(stream.push(token))
+        out.write("".join(p.text for p in pieces))
         out.flush()
-    out.write(stream.flush() + "\n")
+        if token is not None:
+            status = ctx.decode(Batch.from_tokens([token]))
+            if status != DECODE_OK:
+                raise DecodeError(status, "a generated token")
+    out.write("\n")
     out.flush()
     t_end = time.perf_counter()
+    n = gen.n_generated
     if t_first is not None:
         speed = (n - 1) / (t_end - t_first) if n > 1 and t_end > t_first else float("nan")
         log.info(

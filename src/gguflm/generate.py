@@ -1,6 +1,6 @@
 """What every caller's generation shares: `Generation`, one request's state from logits to final
-text (sampler, grammar, stop strings, logprobs, finish reason), used by `gguflm.LLM` and the server's
-engine; `generate`, the plain token loop of `gguflm run`; and `embed`."""
+text (sampler, grammar, stop strings, logprobs, finish reason), used by `gguflm.LLM`, `gguflm run` and
+the server's engine; `generate`, a plain token loop over a sampling function; and `embed`."""
 
 from __future__ import annotations
 
