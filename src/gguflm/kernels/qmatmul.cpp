@@ -182,75 +182,36 @@ struct FQ8_0 {
   }
 };
 
-// Q4_0: d f16 | qs[16] (element i: low nibble of qs[i], element i+16: high nibble)   value = d * (q - 8)
-struct FQ4_0 {
-  static constexpr int QK = 32, BYTES = 18;
+// The legacy 32-element formats differ only in an optional min and an optional 5th-bit word:
+//   Q4_0: d f16 |                 qs[16]   value = d * (q - 8)
+//   Q4_1: d f16 | m f16 |         qs[16]   value = d * q + m
+//   Q5_0: d f16 |         qh u32 | qs[16]  value = d * (q - 16)
+//   Q5_1: d f16 | m f16 | qh u32 | qs[16]  value = d * q + m
+// qs: element i is the low nibble of qs[i], element i+16 the high one; qh bit i is element i's 5th bit
+template <bool MIN, bool HIGH>
+struct FLegacy {
+  static constexpr int QK = 32, BYTES = 18 + 2 * MIN + 4 * HIGH;
   static constexpr Kind kind = UNSIGNED;
   struct Head {};
   static inline void head(const uint8_t*, Head&) {}
   static inline void decode(const uint8_t* b, const Head&, int, Chunk& c) {
+    const uint8_t* qh = b + 2 + 2 * MIN;
+    const uint8_t* qs = qh + 4 * HIGH;
     c.dw = f16_to_f32(b);
-    c.cw = -8.f * c.dw;
+    c.cw = MIN ? f16_to_f32(b + 2) : (HIGH ? -16.f : -8.f) * c.dw;
 #if defined(__AVX2__)
-    c.u = nibbles_32(b + 2);
+    c.u = nibbles_32(qs);
+    if constexpr (HIGH) c.u = _mm256_or_si256(c.u, _mm256_and_si256(bits_32(qh), _mm256_set1_epi8(0x10)));
 #else
-    nibbles_32(b + 2, c.u);
+    nibbles_32(qs, c.u);
+    if constexpr (HIGH) add_bits_32(qh, c.u);
 #endif
   }
 };
-
-// Q4_1: d f16 | m f16 | qs[16] (as Q4_0)                           value = d * q + m
-struct FQ4_1 {
-  static constexpr int QK = 32, BYTES = 20;
-  static constexpr Kind kind = UNSIGNED;
-  struct Head {};
-  static inline void head(const uint8_t*, Head&) {}
-  static inline void decode(const uint8_t* b, const Head&, int, Chunk& c) {
-    c.dw = f16_to_f32(b);
-    c.cw = f16_to_f32(b + 2);
-#if defined(__AVX2__)
-    c.u = nibbles_32(b + 4);
-#else
-    nibbles_32(b + 4, c.u);
-#endif
-  }
-};
-
-// Q5_0: d f16 | qh u32 (bit i = 5th bit of element i) | qs[16] (as Q4_0)   value = d * (q - 16)
-struct FQ5_0 {
-  static constexpr int QK = 32, BYTES = 22;
-  static constexpr Kind kind = UNSIGNED;
-  struct Head {};
-  static inline void head(const uint8_t*, Head&) {}
-  static inline void decode(const uint8_t* b, const Head&, int, Chunk& c) {
-    c.dw = f16_to_f32(b);
-    c.cw = -16.f * c.dw;
-#if defined(__AVX2__)
-    c.u = _mm256_or_si256(nibbles_32(b + 6), _mm256_and_si256(bits_32(b + 2), _mm256_set1_epi8(0x10)));
-#else
-    nibbles_32(b + 6, c.u);
-    add_bits_32(b + 2, c.u);
-#endif
-  }
-};
-
-// Q5_1: d f16 | m f16 | qh u32 | qs[16] (as Q5_0)                 value = d * q + m
-struct FQ5_1 {
-  static constexpr int QK = 32, BYTES = 24;
-  static constexpr Kind kind = UNSIGNED;
-  struct Head {};
-  static inline void head(const uint8_t*, Head&) {}
-  static inline void decode(const uint8_t* b, const Head&, int, Chunk& c) {
-    c.dw = f16_to_f32(b);
-    c.cw = f16_to_f32(b + 2);
-#if defined(__AVX2__)
-    c.u = _mm256_or_si256(nibbles_32(b + 8), _mm256_and_si256(bits_32(b + 4), _mm256_set1_epi8(0x10)));
-#else
-    nibbles_32(b + 8, c.u);
-    add_bits_32(b + 4, c.u);
-#endif
-  }
-};
+using FQ4_0 = FLegacy<false, false>;
+using FQ4_1 = FLegacy<true, false>;
+using FQ5_0 = FLegacy<false, true>;
+using FQ5_1 = FLegacy<true, true>;
 
 // Q4_K, super-block of 256 = 8 sub-blocks of 32:
 //   d f16 | dmin f16 | scales[12] (8 six-bit scales sc, 8 six-bit mins mn, packed) | qs[128]

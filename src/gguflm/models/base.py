@@ -169,6 +169,7 @@ class UBatch:
     from_tokens: bool = True  # the input rows are token embeddings (not vectors given by the caller)
     long_context: bool = False  # the context's per-sequence length exceeds the original (LongRoPE)
     _rotations: dict[int, torch.Tensor] = field(default_factory=dict)
+    _rotation_pairs: dict[int, torch.Tensor] = field(default_factory=dict)
     _cell_sets: dict[int, list[SequenceGroup]] = field(default_factory=dict)
 
     def rotation(self, rope: Rope) -> torch.Tensor:
@@ -180,10 +181,10 @@ class UBatch:
 
     def rotation_pairs(self, rope: Rope) -> torch.Tensor:
         """(T, rope_dim/2, 2) float32: rotation() as (cos, sin) pairs, what the native kernel reads."""
-        key = -1 - id(rope)
-        r = self._rotations.get(key)
+        r = self._rotation_pairs.get(id(rope))
         if r is None:
-            r = self._rotations[key] = torch.view_as_real(self.rotation(rope)).view(len(self.pos), -1, 2)
+            r = torch.view_as_real(self.rotation(rope)).view(len(self.pos), -1, 2)
+            self._rotation_pairs[id(rope)] = r
         return r
 
     def cell_sets(self, window: int) -> list[SequenceGroup]:
