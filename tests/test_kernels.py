@@ -113,7 +113,7 @@ CASES = [(qt, k) for qt in LEGACY for k in (256, 640, 2048)] + [
 @pytest.mark.parametrize(("qtype", "k"), CASES, ids=[f"{qt.name}-K{k}" for qt, k in CASES])
 def test_matmul_matches_dequantized_reference(path: str, m: int, qtype: QT, k: int) -> None:
     mod = _module(path)
-    n = 96
+    n = 93  # weight rows go 8 at a time: the last group is partly filled
     raw = _weights(qtype, n, k, seed=k + int(qtype))
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m * 1000 + k))
     _check(mod.qmatmul(x, raw, int(qtype), n), x, raw, qtype, n)
@@ -261,7 +261,7 @@ def test_a_rows_result_does_not_depend_on_what_shares_the_call(path: str, qtype:
     """Bit-identical rows whatever the batch (1..16 rows, any tile split): sequences decoded in parallel
     must get the logits they get alone."""
     mod = _module(path)
-    k, n = 512, 80
+    k, n = 512, 83
     raw = _weights(qtype, n, k, seed=5)
     x = torch.randn(16, k, generator=torch.Generator().manual_seed(7))
     full = mod.qmatmul(x, raw, int(qtype), n)
