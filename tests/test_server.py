@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -867,6 +868,60 @@ def test_random_bodies_never_get_a_server_error(server: Server) -> None:
                 assert set(r.json()["error"]) >= {"code", "message", "type"}, (route, body, r.text)
     assert all_slots_idle(server)
     assert completion(server, "still fine", max_tokens=2)["usage"]["completion_tokens"] <= 2
+
+
+# bodies generated from the served OpenAPI schema (schemathesis); token counts capped so the run stays short
+SCHEMA_CAPS = {
+    "max_tokens": 3,
+    "max_completion_tokens": 3,
+    "n_predict": 3,
+    "n": 2,
+    "top_logprobs": 3,
+    "n_probs": 3,
+}
+
+
+def test_schema_driven_bodies_never_get_a_server_error(server: Server) -> None:
+    """A bounded schemathesis run over every POST route of /openapi.json (both valid bodies and
+    schema-violating ones): no 5xx, and the server still answers a plain request afterwards."""
+    schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is not installed")
+    from hypothesis import HealthCheck, given, settings
+
+    with server.client() as c:
+        spec = c.get("/openapi.json").json()
+    posts = {path: ops["post"] for path, ops in spec["paths"].items() if "post" in ops}
+    assert {"/v1/completions", "/v1/chat/completions", "/completion", "/tokenize"} <= posts.keys()
+    for op in posts.values():  # the bodies the handlers accept are all described
+        props = op["requestBody"]["content"]["application/json"]["schema"]["properties"]
+        for name, cap in SCHEMA_CAPS.items():
+            if name in props:
+                props[name] = {"type": "integer", "maximum": cap}
+    schema = schemathesis.openapi.from_dict(spec)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    seen: list[tuple[str, int]] = []
+    operations = [r.ok() for r in schema.get_all_operations()]
+    for operation in (op for op in operations if op.method.upper() == "POST"):
+        for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
+
+            @settings(
+                max_examples=8,
+                deadline=None,
+                derandomize=True,
+                database=None,
+                suppress_health_check=list(HealthCheck),
+            )
+            @given(case=operation.as_strategy(generation_mode=mode))
+            def no_server_error(case: Any) -> None:
+                response = case.call(base_url=server.url, headers=headers, timeout=TIMEOUT)
+                seen.append((case.operation.path, response.status_code))
+                assert response.status_code < 500, (case.operation.path, case.body, response.text)
+
+            no_server_error()
+    assert {path for path, _ in seen} == set(posts)
+    assert any(status == 200 for _, status in seen) and any(status == 400 for _, status in seen)
+    with server.client() as c:
+        r = c.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 2})
+    assert r.status_code == 200
 
 
 # ---- the real model ---------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gguflm.generate import GenToken, chat_logprobs, completion_logprobs
+from gguflm.server import schemas
 from gguflm.server.engine import EmbedRequest, Engine, Event, Finished, GenRequest, QueueFull
 
 OPEN_ROUTES = frozenset({"/", "/health", "/v1/health", "/v1/models", "/models"})  # the page holds no secrets
@@ -410,7 +411,7 @@ def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
             lines.append(f"llamacpp:{name} {value}")
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", openapi_extra=schemas.body(schemas.TOKENIZE))
     async def tokenize(request: Request) -> dict[str, Any]:
         body = await _json_body(request)
         content = body.get("content")
@@ -426,7 +427,7 @@ def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
             return {"tokens": pieces}
         return {"tokens": ids}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", openapi_extra=schemas.body(schemas.DETOKENIZE))
     async def detokenize(request: Request) -> dict[str, Any]:
         body = await _json_body(request)
         ids = _token_ids(body.get("tokens", []), "tokens")
@@ -452,7 +453,7 @@ def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
         except (ValueError, ChatTemplateError) as e:
             raise APIError(400, str(e)) from None
 
-    @app.post("/apply-template")
+    @app.post("/apply-template", openapi_extra=schemas.body(schemas.APPLY_TEMPLATE))
     async def apply_template(request: Request) -> dict[str, str]:
         return {"prompt": _render(await _json_body(request))}
 
@@ -762,7 +763,7 @@ def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
     # ---- OpenAI completions -----------------------------------------------------------------------
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=schemas.body(schemas.COMPLETIONS))
     async def completions(request: Request) -> Any:
         """OpenAI's completions; a batch of prompts gives choice p * n + j for prompt p's choice j."""
         body = await _json_body(request)
@@ -816,8 +817,8 @@ def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
     # ---- OpenAI chat ------------------------------------------------------------------------------
 
-    @app.post("/v1/chat/completions")
-    @app.post("/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=schemas.body(schemas.CHAT))
+    @app.post("/chat/completions", openapi_extra=schemas.body(schemas.CHAT))
     async def chat_completions(request: Request) -> Any:
         body = await _json_body(request)
         tokens = tok.encode(_render(body), add_special=True, parse_special=True)
@@ -882,8 +883,8 @@ def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
     # ---- llama-server's native completion ----------------------------------------------------------
 
-    @app.post("/completion")
-    @app.post("/completions")
+    @app.post("/completion", openapi_extra=schemas.body(schemas.COMPLETION))
+    @app.post("/completions", openapi_extra=schemas.body(schemas.COMPLETION))
     async def native_completion(request: Request) -> Any:
         body = await _json_body(request)
         tokens = _prompt_tokens(body.get("prompt"))
@@ -970,8 +971,8 @@ def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
     # ---- embeddings ----------------------------------------------------------------------------
 
-    @app.post("/v1/embeddings")
-    @app.post("/embeddings")
+    @app.post("/v1/embeddings", openapi_extra=schemas.body(schemas.EMBEDDINGS))
+    @app.post("/embeddings", openapi_extra=schemas.body(schemas.EMBEDDINGS))
     async def embeddings(request: Request) -> Any:
         if not config.embeddings:
             raise APIError(
