@@ -12,7 +12,9 @@ warm-up, over -r repetitions (mean ± stddev):
 - tgN:  N single-token decodes after a 16-token prompt, each fed the argmax of the previous logits;
 - decode xS: S sequences decoding in parallel, one batch per step holding one token per sequence,
   32 steps after a 16-token prompt, total tokens/s;
-- peak RSS of the engine's process.
+- peak RSS of the engine's process, and of a plain generation (`gguflm run -n N` against
+  llama-cpp-python's `Llama(...)(prompt, max_tokens=N)`, 4096-token context for both): the memory a
+  user sees.
 
 gguflm runs `gguflm bench -o json`. llama.cpp runs in the interpreter given by --llama-python (or
 $LLAMA_PYTHON, or this one), which must import llama_cpp; this file is re-run there as a child
@@ -273,9 +275,40 @@ def child_hf(args: argparse.Namespace) -> Result:
     return result
 
 
+RUN_PROMPT = "The capital of France is"
+
+
+def child_llama_run(args: argparse.Namespace) -> Result:
+    """llama.cpp's counterpart of `gguflm run -n N --temp 0`: load, generate, nothing else (its RSS)."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=args.model, n_ctx=4096, n_threads=args.threads, verbose=False)
+    llm(RUN_PROMPT, max_tokens=args.n_gen, temperature=0.0)
+    return {"peak_rss_mb": peak_rss_mb()}
+
+
+def run_peak_rss(cmd: list[str], env: dict[str, str], timeout: float) -> float | None:
+    """Peak RSS in MB of one command run to its end (the OS's account of the child), None if it fails."""
+    try:
+        child = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError:
+        return None
+    timer = threading.Timer(timeout, child.kill)
+    timer.start()
+    try:
+        _, status, usage = os.wait4(child.pid, 0)
+    finally:
+        timer.cancel()
+    child.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_maxrss / 1024 if child.returncode == 0 else None
+
+
 def run_child(args: argparse.Namespace) -> int:
     try:
-        result = child_llama(args) if args.child == "llama.cpp" else child_hf(args)
+        if args.child == "llama.cpp-run":
+            result = child_llama_run(args)
+        else:
+            result = child_llama(args) if args.child == "llama.cpp" else child_hf(args)
     except ImportError as e:
         emit({"error": f"{e.name or e} not installed in {sys.executable}"})
         return 1
@@ -424,6 +457,10 @@ def table(results: dict[str, Result], args: argparse.Namespace) -> str:
     g = value("gguflm", "peak_rss_mb")
     ratios = [fmt_ratio(g, value("llama.cpp", "peak_rss_mb")), fmt_ratio(g, hf_rss)]
     lines.append("| " + " | ".join(["peak RSS (MB)", *cells, *ratios]) + " |")
+    if any(value(c, "run_peak_rss_mb") for c in cols):
+        cells = [f"{v:.0f}" if (v := value(c, "run_peak_rss_mb")) else "—" for c in cols]
+        ratio = fmt_ratio(value("gguflm", "run_peak_rss_mb"), value("llama.cpp", "run_peak_rss_mb"))
+        lines.append("| " + " | ".join([f"peak RSS, run -n {args.n_gen} (MB)", *cells, ratio, "—"]) + " |")
     return "\n".join(lines)
 
 
@@ -448,7 +485,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--json", nargs="?", const="-", metavar="PATH", help="dump everything as JSON (to PATH, or stdout)"
     )
     p.add_argument("--quick", action="store_true", help="smoke run: -p 64 -n 16 -r 1, timeout 300 s")
-    p.add_argument("--child", choices=ENGINES[1:], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=[*ENGINES[1:], "llama.cpp-run"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     defaults = (64, 16, 1, 300.0) if args.quick else (512, 128, 3, 1800.0)
     for name, default in zip(("n_prompt", "n_gen", "repetitions", "timeout"), defaults, strict=True):
@@ -497,6 +534,13 @@ def main(argv: list[str] | None = None) -> int:
         r = results[engine]
         r["other_runnable"] = busy
         print(f" {r.get('error', 'ok')} ({r.get('wall_s', 0):.0f} s)", file=sys.stderr, flush=True)
+        if args.n_gen > 0 and "error" not in r and engine in ("gguflm", "llama.cpp"):
+            if engine == "gguflm":
+                run = [*gguflm_command(), "run", "-m", model, "-p", RUN_PROMPT, "-n", str(args.n_gen)]
+                run += ["--temp", "0", "-t", t]
+            else:
+                run = [args.llama_python, *child, "--child", "llama.cpp-run"]
+            r["run_peak_rss_mb"] = run_peak_rss(run, env, args.timeout)
 
     report: Result = {
         "model": model,
@@ -534,7 +578,9 @@ def main(argv: list[str] | None = None) -> int:
     if "system_info" in llama:
         print(f"llama.cpp measured: llama-cpp-python {llama['llama_cpp_version']}, {llama['system_info']}")
     if "gguflm" in results and "mode" in results["gguflm"]:
-        print(f"gguflm mode: {results['gguflm']['mode']}; {results['gguflm'].get('cpu', 'kernel path not reported')}")
+        print(
+            f"gguflm mode: {results['gguflm']['mode']}; {results['gguflm'].get('cpu', 'kernel path not reported')}"
+        )
     if Path(model).name == REFERENCE_MODEL:
         print("llama.cpp reference on this model (shared/reference/README.md, llama-bench -t 2):")
         for kind, ref in REFERENCE.items():
