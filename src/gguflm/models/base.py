@@ -473,10 +473,11 @@ class Transformer:
             out[:, g.rows.flatten()] = self.attend_group(q, g, at, il, ub)
         return out.transpose(0, 1).reshape(T, n_head * hd)
 
-    def attn_input(self, q: torch.Tensor) -> torch.Tensor:
-        """q (n_head, T, hd) in the dtype torch's attention runs in: bf16 for a prefill where the CPU
-        has bf16 arithmetic (fast mode), else as it is."""
-        return q.to(self.attn_dtype_prefill) if q.shape[1] >= PREFILL_ROWS else q
+    def attn_input(self, q: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        """q (n_head, T, hd) in the dtype torch's attention runs in for a set of `rows` query rows (T by
+        default): bf16 for a prefill where the CPU has bf16 arithmetic (fast mode), else as it is. Decided
+        by the set's own rows, not by what shares its micro-batch."""
+        return q.to(self.attn_dtype_prefill) if (rows or q.shape[1]) >= PREFILL_ROWS else q
 
     def cached_kv(self, q: torch.Tensor, il: int, ub: UBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer il's cached keys and values of cells [0, n_kv), (n_kv, n_head_kv, hd), in q's dtype
@@ -494,13 +495,27 @@ class Transformer:
         (the same strides as the cache's own keys: the same arithmetic as when decoded alone)."""
         n_head, _, hd = q.shape
         n_head_kv = self.args.n_head_kv
-        cached_k, cached_v = self.cached_kv(q, il, ub)
         (n_sets, n_rows), n_cells = g.rows.shape, g.cells.shape[1]
         g_rows, g_cells = g.rows.flatten(), g.cells.flatten()
+        # the group's rows and cells first, then the dtype: only they are converted, never the cache
+        q_g = self.attn_input(q[:, g_rows], n_rows)
+        dtype = q_g.dtype
         # (B, n_head, R, hd) queries, (B, n_head_kv, C, hd) keys and values
-        q_g = self.attn_input(q)[:, g_rows].view(n_head, n_sets, n_rows, hd).transpose(0, 1)
-        k_g = cached_k.index_select(0, g_cells).view(n_sets, n_cells, n_head_kv, hd).transpose(1, 2)
-        v_g = cached_v.index_select(0, g_cells).view(n_sets, n_cells, n_head_kv, hd).transpose(1, 2)
+        q_g = q_g.view(n_head, n_sets, n_rows, hd).transpose(0, 1)
+        k_g = (
+            ub.kv.k[il]
+            .index_select(0, g_cells)
+            .to(dtype)
+            .view(n_sets, n_cells, n_head_kv, hd)
+            .transpose(1, 2)
+        )
+        v_g = (
+            ub.kv.v[il]
+            .index_select(0, g_cells)
+            .to(dtype)
+            .view(n_sets, n_cells, n_head_kv, hd)
+            .transpose(1, 2)
+        )
         o = attend(q_g, k_g, v_g, g.masks[at.window], self.args.attn_scale, self.args.attn_softcap)
         return o.transpose(0, 1).reshape(n_head, n_sets * n_rows, hd).to(q.dtype)
 
