@@ -12,6 +12,7 @@ Tokenizers, each of a kind llama.cpp's converter handles:
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -36,12 +37,8 @@ CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
     "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 CORPUS = _BPE_CORPUS * 4
 
 
@@ -60,12 +57,16 @@ def _smollm2_tokenizer() -> PreTrainedTokenizerFast:
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     tokens, types, merges, template = _smollm2_vocab()
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split(" ")) for m in merges]))
+    tok = Tokenizer(
+        models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split(" ")) for m in merges])
+    )
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
     )
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3])
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types, strict=False) if k == 3]
+    )
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<|im_start|>",
@@ -78,8 +79,19 @@ def _smollm2_tokenizer() -> PreTrainedTokenizerFast:
     return hf
 
 
-def _trained_bpe(split: str, vocab_size: int, specials: list[str], **special_map: str) -> PreTrainedTokenizerFast:
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+def _trained_bpe(
+    split: str, vocab_size: int, specials: list[str], **special_map: str
+) -> PreTrainedTokenizerFast:
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -96,6 +108,10 @@ def _trained_bpe(split: str, vocab_size: int, specials: list[str], **special_map
     )
     tok.train_from_iterator(CORPUS.splitlines(keepends=True), trainer)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    if bos := special_map.get("bos_token"):  # Llama 3's tokenizer.json adds BOS in its post-processor
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **special_map)
     hf.chat_template = CHATML
     return hf
@@ -161,17 +177,28 @@ FAMILIES: dict[str, tuple[str, dict[str, Any], str]] = {
     # 6 layers: 5 local (window 8) and 1 global; head_dim 32 != 64 / 4
     "gemma3": (
         "Gemma3TextConfig",
-        {"num_hidden_layers": 6, "head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 8,
-         "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
-                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
+        {
+            "num_hidden_layers": 6,
+            "head_dim": 32,
+            "query_pre_attn_scalar": 32,
+            "sliding_window": 8,
+            "rope_parameters": {
+                "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            },
+        },
         "spm-gemma",
-    ),  # fmt: skip
+    ),
     "phi3": (
         "Phi3Config",
-        {"tie_word_embeddings": False, "original_max_position_embeddings": 256, "sliding_window": None,
-         "pad_token_id": 0},
+        {
+            "tie_word_embeddings": False,
+            "original_max_position_embeddings": 256,
+            "sliding_window": None,
+            "pad_token_id": 0,
+        },
         "spm-llama",
-    ),  # fmt: skip
+    ),
 }
 _MODEL_CLASSES = {"Gemma3TextConfig": "Gemma3ForCausalLM"}
 
@@ -192,27 +219,42 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.1 * noise)
 
 
-def make_checkpoint(family: str, out_dir: Path, *, seed: int = 0, dtype: torch.dtype = torch.float32, **config: Any) -> tuple[Path, Any]:
-    """Save a random `family` model (FAMILIES) and its tokenizer in `out_dir`; return (dir, HF model)."""
+def make_checkpoint(
+    family: str,
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    tokenizer: str | None = None,
+    **config: Any,
+) -> tuple[Path, Any]:
+    """Save a random `family` model (FAMILIES) and a tokenizer (its own kind, or `tokenizer`) in
+    `out_dir`, stored as `dtype`; return (dir, the HF model in float32)."""
     import transformers
 
     config_name, defaults, tok_kind = FAMILIES[family]
+    tok_kind = tokenizer or tok_kind
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = make_tokenizer(tok_kind, out_dir.parent)
+    hf_tokenizer = make_tokenizer(tok_kind, out_dir.parent)
     args: dict[str, Any] = dict(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=len(hf_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=hf_tokenizer.bos_token_id, eos_token_id=hf_tokenizer.eos_token_id,
     )  # fmt: skip
     args |= defaults | config
     hf_config = getattr(transformers, config_name)(**args)
-    model_class = getattr(transformers, _MODEL_CLASSES.get(config_name, config_name.replace("Config", "ForCausalLM")))
+    model_class = getattr(
+        transformers, _MODEL_CLASSES.get(config_name, config_name.replace("Config", "ForCausalLM"))
+    )
     torch.manual_seed(seed)
-    model = model_class(hf_config).to(dtype)
+    model = model_class(hf_config)
     _randomize(model, seed)
+    with torch.no_grad():  # the values `dtype` stores; buffers (rope inv_freq) keep float32
+        for param in model.parameters():
+            param.copy_(param.to(dtype))
     model.eval()
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    copy.deepcopy(model).to(dtype).save_pretrained(out_dir, safe_serialization=True)
+    hf_tokenizer.save_pretrained(out_dir)
     if tok_kind.startswith("spm-"):  # transformers 5 saves tokenizer.json only; real repos ship both
         (out_dir / "tokenizer.model").write_bytes((out_dir.parent / f"{tok_kind[4:]}.model").read_bytes())
     return out_dir, model

@@ -183,7 +183,8 @@ def _rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
     if "full_attention" in rope or "sliding_attention" in rope:
         return rope
     local = next(
-        (config[k] for k in ("local_rope_theta", "rope_local_base_freq", "swa_rope_theta") if k in config), None
+        (config[k] for k in ("local_rope_theta", "rope_local_base_freq", "swa_rope_theta") if k in config),
+        None,
     )
     if local is not None:
         rope["sliding_attention"] = {"rope_theta": local}
@@ -285,7 +286,9 @@ def _write_gemma3(w: gguf.GGUFWriter, p: _Param, n_layer: int) -> None:
             w.add_sliding_window_pattern(local)
     scalar, head_dim = c.get("query_pre_attn_scalar"), c["head_dim"]
     if scalar is not None and scalar != head_dim and n_layer != 62:
-        log.warning("query_pre_attn_scalar %s != head_dim %s: llama.cpp scales queries by head_dim", scalar, head_dim)
+        log.warning(
+            "query_pre_attn_scalar %s != head_dim %s: llama.cpp scales queries by head_dim", scalar, head_dim
+        )
 
 
 def _phi3_rope_dims(p: _Param, rope: dict[str, Any]) -> int:
@@ -369,7 +372,12 @@ def tensor_type(name: str, shape: tuple[int, ...], weight_type: QType) -> QType:
         return QType.F32
     block, _ = gguf.GGML_QUANT_SIZES[weight_type]
     if shape[-1] % block:
-        log.warning("%s: rows of %d are not a multiple of %s's block, written as F16", name, shape[-1], weight_type.name)
+        log.warning(
+            "%s: rows of %d are not a multiple of %s's block, written as F16",
+            name,
+            shape[-1],
+            weight_type.name,
+        )
         return QType.F16
     return weight_type
 
@@ -398,7 +406,9 @@ def _plan(model_dir: Path, fam: Family, p: _Param, rope: dict[str, Any], n_vocab
     for shard in _shards(model_dir):
         try:
             with safe_open(shard, framework="pt") as f:
-                entries = [(k, tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()]
+                entries = [
+                    (k, tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()
+                ]
         except Exception as e:  # safetensors raises its own SafetensorError
             raise ConvertError(f"{shard}: not a readable safetensors file ({e})") from e
         for hf_name, shape, dtype in entries:

@@ -302,7 +302,9 @@ def _bpe_vocab(model_dir: Path, vocab_size: int | None) -> Vocab:
     )
 
 
-def load_vocab(model_dir: Path, vocab_size: int | None, *, prefer_spm: bool = True, phi3: bool = False) -> Vocab:
+def load_vocab(
+    model_dir: Path, vocab_size: int | None, *, prefer_spm: bool = True, phi3: bool = False
+) -> Vocab:
     """The checkpoint's tokenizer: tokenizer.model (SentencePiece) when present and `prefer_spm`,
     else tokenizer.json (byte-level BPE), as llama.cpp's converter chooses for these families."""
     config = _tokenizer_config(model_dir)
