@@ -360,3 +360,38 @@ def test_same_file_as_llama_cpp_converter(tmp_path: Path) -> None:
         assert our_tensors.keys() == their_tensors.keys(), family
         for name, ours_t in our_tensors.items():
             assert ours_t == their_tensors[name], (family, outtype, name)
+
+
+LLAMA_CPP_PYTHON = Path("/tmp/lcpvenv/bin/python")  # llama-cpp-python, a native build of libllama
+_RUNNER = """
+import json, sys
+import numpy as np
+import llama_cpp
+for path, tokens in json.loads(sys.argv[1]):
+    llm = llama_cpp.Llama(model_path=path, n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+    llm.eval(tokens)
+    np.save(path + ".logits.npy", np.asarray(llm.scores[: len(tokens)], dtype=np.float32))
+"""
+
+
+@pytest.mark.slow  # about 20 s: six checkpoints, one llama.cpp process
+def test_llama_cpp_runs_converted_files(tmp_path: Path) -> None:
+    """llama.cpp loads every family's converted file and its logits match transformers' (its KV
+    cache is F16, hence the looser bound than gguflm's fp32 reference mode)."""
+    if not LLAMA_CPP_PYTHON.is_file():
+        pytest.skip(f"no llama-cpp-python at {LLAMA_CPP_PYTHON}")
+    jobs, expected = [], {}
+    for family in sorted(FAMILIES):
+        hf_dir, hf_model = make_checkpoint(family, tmp_path / family / "model", seed=5)
+        path = convert(hf_dir, tmp_path / f"{family}.gguf", "f32").path
+        tokens = random_tokens(hf_model.config.vocab_size, seed=6)
+        jobs.append([str(path), tokens])
+        expected[str(path)] = hf_all_logits(hf_model, tokens)
+    run = subprocess.run(
+        [str(LLAMA_CPP_PYTHON), "-c", _RUNNER, json.dumps(jobs)], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    for path, theirs in expected.items():
+        ours = torch.from_numpy(np.load(path + ".logits.npy"))
+        assert relative_error(ours, theirs) < 2e-3, path
+        assert torch.equal(ours.argmax(-1), theirs.argmax(-1)), path

@@ -462,7 +462,7 @@ def _auto_outtype(plan: list[PlannedTensor]) -> str:
 def convert(
     model_dir: str | os.PathLike[str],
     out_path: str | os.PathLike[str],
-    outtype: str = "f16",
+    outtype: str = "auto",
     *,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> ConvertResult:
