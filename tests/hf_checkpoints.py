@@ -80,7 +80,13 @@ def _smollm2_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def _trained_bpe(
-    split: str, vocab_size: int, specials: list[str], **special_map: str
+    split: str,
+    vocab_size: int,
+    specials: list[str],
+    *,
+    ignore_merges: bool = False,
+    clean_up: bool = False,
+    **special_map: str,
 ) -> PreTrainedTokenizerFast:
     from tokenizers import (
         AddedToken,
@@ -107,12 +113,13 @@ def _trained_bpe(
         show_progress=False,
     )
     tok.train_from_iterator(CORPUS.splitlines(keepends=True), trainer)
+    tok.model.ignore_merges = ignore_merges
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     if bos := special_map.get("bos_token"):  # Llama 3's tokenizer.json adds BOS in its post-processor
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
         )
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **special_map)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=clean_up, **special_map)
     hf.chat_template = CHATML
     return hf
 
@@ -158,6 +165,7 @@ def make_tokenizer(kind: str, tmp: Path) -> Any:
     if kind == "bpe-llama3":
         return _trained_bpe(
             LLAMA3_SPLIT, 384, ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"],
+            ignore_merges=True, clean_up=True,  # as Llama 3's tokenizer files say
             bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
         )  # fmt: skip
     if kind in ("spm-llama", "spm-gemma"):

@@ -15,12 +15,13 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from hf_checkpoints import FAMILIES, make_checkpoint
+from hf_checkpoints import FAMILIES, make_checkpoint, make_tokenizer
 from transformers import AutoTokenizer
 
-from gguflm import Batch, Context, Model
+from gguflm import Batch, Context, Model, convert_vocab
 from gguflm.cli import main
 from gguflm.convert import ConvertError, convert
+from gguflm.convert_vocab import detect_pre_tokenizer
 from gguflm.gguf_file import GGUFFile
 from gguflm.tokenizer import Tokenizer
 
@@ -201,6 +202,38 @@ def test_rope_scaling_matches_transformers(tmp_path: Path, rope: dict[str, float
     path = convert(hf_dir, tmp_path / "rope.gguf", "f32").path
     tokens = random_tokens(hf_model.config.vocab_size, seed=2)
     assert relative_error(all_logits(path, tokens), hf_all_logits(hf_model, tokens)) < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("kind", "config", "expected"),
+    [
+        ("bpe-llama3", {}, "llama-bpe"),
+        ("bpe-qwen2", {"clean_up_tokenization_spaces": False}, "qwen2"),
+        ("smollm2", {"clean_up_tokenization_spaces": False}, "smollm"),
+        ("smollm2", {"clean_up_tokenization_spaces": True}, "starcoder"),  # same split, spaces cleaned
+    ],
+)
+def test_pre_tokenizer_found_by_split_without_the_hash_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, config: dict[str, bool], expected: str
+) -> None:
+    """A vocabulary llama.cpp's hash table does not know: the llama.cpp split that cuts the check
+    text as tokenizer.json does, tie-broken by the detokenizer's space clean-up."""
+    backend = make_tokenizer(kind, tmp_path).backend_tokenizer
+    if kind == "smollm2":  # in the table: llama.cpp's own name, then hide the table
+        assert detect_pre_tokenizer(backend, json.loads(backend.to_str()), config) == "smollm"
+        monkeypatch.setattr(convert_vocab, "KNOWN_PRE_TOKENIZER_HASHES", {})
+    assert detect_pre_tokenizer(backend, json.loads(backend.to_str()), config) == expected
+
+
+def test_unknown_pre_tokenizer_is_refused(tmp_path: Path) -> None:
+    from tokenizers import pre_tokenizers
+
+    backend = make_tokenizer("bpe-qwen2", tmp_path).backend_tokenizer
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    with pytest.raises(ConvertError, match="BPE pre-tokenizer not recognized"):
+        detect_pre_tokenizer(backend, json.loads(backend.to_str()), {})
 
 
 # ---- the command line and bad input ----------------------------------------------------------

@@ -18,9 +18,9 @@ then a way that also works for vocabularies it has never seen:
 2. A hash depends on the vocabulary, so any retrained or trimmed vocabulary misses the table. The
    split into words does not: the Hugging Face pre-tokenizer splits the check text, and every
    pre-tokenizer gguflm implements (llama.cpp's, `gguflm.tokenizer.PRE_TOKENIZERS`) splits it too.
-   The names whose words equal Hugging Face's, and whose detokenizer space clean-up and
-   ignore_merges flag agree with the tokenizer's files, are candidates; the first in
-   `PREFERRED_PRE_TOKENIZERS` order wins (several names share one split, e.g. llama3/llama-bpe).
+   The names whose words equal Hugging Face's are candidates, narrowed to those whose ignore_merges
+   flag (it changes ids) and then detokenizer space clean-up agree with the tokenizer's files where
+   any do; the first in `PREFERRED_PRE_TOKENIZERS` order wins (several names share one split).
 """
 
 from __future__ import annotations
@@ -234,16 +234,14 @@ def detect_pre_tokenizer(tokenizer: Any, model_json: dict[str, Any], config: dic
             "BPE pre-tokenizer not recognized: no llama.cpp pre-tokenizer splits text as tokenizer.json's "
             f"does (check-text hash {digest}); gguflm cannot tokenize this model as llama.cpp would"
         )
-    clean = config.get("clean_up_tokenization_spaces")
+    # ignore_merges changes token ids, so it must agree; the space clean-up only changes decoding
     ignore_merges = bool(model_json.get("model", {}).get("ignore_merges", False))
-    agreeing = [
-        name
-        for name in split
-        if (clean is None or PRE_TOKENIZERS[name].clean_spaces == bool(clean))
-        and PRE_TOKENIZERS[name].ignore_merges == ignore_merges
-    ] or split
+    split = [name for name in split if PRE_TOKENIZERS[name].ignore_merges == ignore_merges] or split
+    clean = config.get("clean_up_tokenization_spaces")
+    if clean is not None:
+        split = [name for name in split if PRE_TOKENIZERS[name].clean_spaces == bool(clean)] or split
     rank = {name: i for i, name in enumerate(PREFERRED_PRE_TOKENIZERS)}
-    choice = min(agreeing, key=lambda name: (rank.get(name, len(rank)), agreeing.index(name)))
+    choice = min(split, key=lambda name: (rank.get(name, len(rank)), split.index(name)))
     log.info("pre-tokenizer %r by its split of the check text (hash %s not in the table)", choice, digest)
     return choice
 
