@@ -165,6 +165,24 @@ def main() -> None:
         ]
         missing = [k for k in old if k not in new]
         print(f"keys differing from the original (general.* aside): {differ}; absent: {missing}")
+    for outtype in args.outtypes.split(","):
+        theirs_path = args.work / f"llama.cpp-{outtype}.gguf"
+        if not theirs_path.is_file():
+            continue
+        ours_r, theirs_r = gguf.GGUFReader(args.work / f"gguflm-{outtype}.gguf"), gguf.GGUFReader(theirs_path)
+        keys = [
+            k
+            for k in ours_r.fields.keys() | theirs_r.fields.keys()
+            if not k.startswith("GGUF.")
+            and (k not in ours_r.fields or k not in theirs_r.fields
+                 or ours_r.fields[k].contents() != theirs_r.fields[k].contents()
+                 or ours_r.fields[k].types != theirs_r.fields[k].types)
+        ]  # fmt: skip
+        raw = {t.name: (t.tensor_type, bytes(np.asarray(t.data).view(np.uint8))) for t in ours_r.tensors}
+        same = raw == {
+            t.name: (t.tensor_type, bytes(np.asarray(t.data).view(np.uint8))) for t in theirs_r.tensors
+        }
+        print(f"{outtype}: against llama.cpp's file, keys differing {sorted(keys)}, tensors identical {same}")
 
 
 if __name__ == "__main__":

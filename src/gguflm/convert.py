@@ -176,6 +176,24 @@ class _Param:
         return default
 
 
+def _with_config_defaults(fam: Family, config: dict[str, Any]) -> dict[str, Any]:
+    """config.json with the values transformers' config class of the family fills in when a key is
+    absent. llama.cpp's converter reads the config through transformers' AutoConfig, so an older
+    config.json without head_dim or rope_theta still gets these keys written; here without
+    importing transformers."""
+    defaults: dict[str, Any] = {"rope_theta": 10000.0}
+    if fam.arch == gguf.MODEL_ARCH.LLAMA and config.get("hidden_size") and config.get("num_attention_heads"):
+        defaults["head_dim"] = config["hidden_size"] // config["num_attention_heads"]
+    elif fam.arch == gguf.MODEL_ARCH.QWEN3:
+        defaults["head_dim"] = 128
+    elif fam.arch == gguf.MODEL_ARCH.GEMMA3:
+        defaults = {"rope_theta": 1_000_000.0, "rope_local_base_freq": 10000.0}
+    if config.get("rope_parameters") or config.get("rope_scaling"):
+        defaults.pop("rope_theta", None)  # the rope dict says it, or its default applies
+        defaults.pop("rope_local_base_freq", None)
+    return defaults | {k: v for k, v in config.items() if v is not None}
+
+
 def _rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
     """RoPE settings from `rope_parameters` (transformers 5) or `rope_scaling` plus top-level keys,
     in one dict as llama.cpp's converter collects them."""
@@ -476,6 +494,7 @@ def convert(
     model_dir, out_path = Path(model_dir), Path(out_path)
     config = _read_config(model_dir)
     fam = _family(config, model_dir)
+    config = _with_config_defaults(fam, config)
     rope = _rope_parameters(config)
     if fam.arch == gguf.MODEL_ARCH.GEMMA3:
         config = _GEMMA3_DEFAULTS | {k: v for k, v in config.items() if v is not None}
