@@ -204,6 +204,24 @@ def test_rope_scaling_matches_transformers(tmp_path: Path, rope: dict[str, float
     assert relative_error(all_logits(path, tokens), hf_all_logits(hf_model, tokens)) < 1e-4
 
 
+def test_an_older_config_gets_the_keys_transformers_defaults_imply(tmp_path: Path) -> None:
+    """config.json without head_dim and rope_theta (as SmolLM2's): key_length and rope.freq_base are
+    written with the values transformers' AutoConfig fills in, as llama.cpp's converter reads them."""
+    from transformers import AutoConfig
+
+    hf_dir, hf_model = make_checkpoint("llama", tmp_path / "model", tokenizer="bpe-qwen2")
+    config = json.loads((hf_dir / "config.json").read_text())
+    for key in ("head_dim", "rope_theta", "rope_parameters", "rope_scaling"):
+        config.pop(key, None)
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    filled = AutoConfig.from_pretrained(hf_dir)
+    file = GGUFFile(convert(hf_dir, tmp_path / "old.gguf", "f32").path)
+    assert file.get("llama.attention.key_length") == filled.head_dim == 16
+    assert file.get("llama.rope.freq_base") == filled.rope_parameters["rope_theta"]
+    tokens = random_tokens(hf_model.config.vocab_size)
+    assert relative_error(all_logits(file.path, tokens), hf_all_logits(hf_model, tokens)) < 1e-4
+
+
 @pytest.mark.parametrize(
     ("kind", "config", "expected"),
     [
