@@ -292,6 +292,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from gguflm.convert import convert
+
+    def progress(i: int, n: int, name: str) -> None:
+        log.info("[%d/%d] %s", i + 1, n, name)
+
+    r = convert(args.hf_dir, args.out, args.outtype, progress=progress)
+    types = ", ".join(f"{n} {t}" for t, n in sorted(r.tensor_types.items()))
+    print(
+        f"{r.path}: {r.arch}, {r.n_tensors} tensors ({types}), {r.n_params / 1e6:.1f} M parameters, "
+        f"{r.n_bytes / 2**20:.1f} MiB, {r.seconds:.1f} s",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
     from gguflm.generate import embed
 
@@ -440,6 +456,19 @@ def build_parser() -> argparse.ArgumentParser:
     from gguflm.server import add_serve_parser
 
     add_serve_parser(sub, common)
+
+    p = sub.add_parser(
+        "convert", parents=[common], help="Hugging Face checkpoint directory -> GGUF (convert_hf_to_gguf.py)"
+    )
+    p.add_argument("hf_dir", help="directory with config.json, *.safetensors and the tokenizer files")
+    p.add_argument("out", help="the GGUF file to write")
+    p.add_argument(
+        "--outtype",
+        choices=["f32", "f16", "bf16", "q8_0", "auto"],
+        default="auto",
+        help="type of the weight matrices (norms and biases stay F32); auto: bf16 for a bf16 checkpoint, else f16",
+    )
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("inspect", parents=[common], help="metadata and tensor table of a GGUF file")
     p.add_argument("model_path", nargs="?")
