@@ -23,9 +23,10 @@ from gguflm import Batch, Context, Model
 from gguflm.cli import main
 from gguflm.gguf_file import GGUFFile
 from gguflm.perplexity import perplexity
-from gguflm.train import TrainConfig, TrainResult, train
 from gguflm.train.bpe import END_OF_TEXT
+from gguflm.train.config import TrainConfig
 from gguflm.train.export import export_gguf
+from gguflm.train.run import TrainResult, train
 
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
 GPL2 = Path("/usr/share/common-licenses/GPL-2")

@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gguflm.train.export import OUTTYPES
-from gguflm.train.loop import TrainConfig
+from gguflm.train.config import OUTTYPES, TrainConfig
 
 _DEFAULTS = TrainConfig()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from gguflm.train import train
+    from gguflm.train.run import train
 
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")

@@ -23,7 +23,7 @@ from gguflm.writer import write_gguf
 
 log = logging.getLogger("gguflm")
 
-OUTTYPES: dict[str, GQ] = {"f32": GQ.F32, "f16": GQ.F16, "q8_0": GQ.Q8_0}
+QTYPES: dict[str, GQ] = {"f32": GQ.F32, "f16": GQ.F16, "q8_0": GQ.Q8_0}  # by OUTTYPES name
 _FILE_TYPES = {
     GQ.F32: gguf.LlamaFileType.ALL_F32,
     GQ.F16: gguf.LlamaFileType.MOSTLY_F16,
@@ -77,9 +77,9 @@ def export_gguf(
     name: str = "gguflm-trained",
 ) -> Path:
     """Write the model (params: GGUF name -> tensor) and its tokenizer; outtype f32, f16 or q8_0."""
-    if outtype not in OUTTYPES:
-        raise ValueError(f"unknown output type {outtype!r} (expected one of {', '.join(OUTTYPES)})")
-    qtype = OUTTYPES[outtype]
+    if outtype not in QTYPES:
+        raise ValueError(f"unknown output type {outtype!r} (expected one of {', '.join(QTYPES)})")
+    qtype = QTYPES[outtype]
     tensors = {}
     for tname, value in params.items():
         array = value.detach().to(device="cpu", dtype=torch.float32).numpy()
