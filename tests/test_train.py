@@ -181,6 +181,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_bit_for_bit(tmp_path: Path) -> N
     assert resumed.finished and resumed.trainer.step == 12
     assert resumed.history.train == whole.history.train
     assert resumed.history.val == whole.history.val
+    assert resumed.history.grad_norm == whole.history.grad_norm
     ours = resumed.trainer.model.named_gguf_parameters()
     for name, p in whole.trainer.model.named_gguf_parameters().items():
         assert torch.equal(p, ours[name]), name

@@ -91,6 +91,7 @@ class History:
     train: list[float] = field(default_factory=list)  # loss of each step (step i+1 at index i)
     val: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
     tokens_per_s: list[float] = field(default_factory=list)
+    grad_norm: list[float] = field(default_factory=list)  # before clipping: spikes show instability
 
 
 class Trainer:
@@ -161,10 +162,11 @@ class Trainer:
         loss = self.loss(x, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
+        self.history.grad_norm.append(norm.item())
         value = loss.item()
         if not math.isfinite(value):
             raise ValueError(f"the loss became {value} at step {self.step}: try a lower --lr")
@@ -284,7 +286,9 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.step = int(state["step"])
         h = state["history"]
-        self.history = History(list(h["train"]), [tuple(v) for v in h["val"]], list(h["tokens_per_s"]))
+        self.history = History(
+            list(h["train"]), [tuple(v) for v in h["val"]], list(h["tokens_per_s"]), list(h["grad_norm"])
+        )
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

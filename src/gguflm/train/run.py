@@ -32,9 +32,13 @@ class TrainResult:
 
 
 def read_data(paths: Sequence[str | os.PathLike[str]]) -> str:
-    """The files' texts, joined by newlines."""
-    texts = []
+    """The files' texts, joined by newlines; a file named twice (or through a link) is read once."""
+    texts, seen = [], set()
     for p in paths:
+        real = Path(p).resolve()
+        if real in seen:
+            continue
+        seen.add(real)
         try:
             texts.append(Path(p).read_text(encoding="utf-8", errors="replace"))
         except OSError as e:
