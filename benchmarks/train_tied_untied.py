@@ -3,6 +3,9 @@ library; one PNG with both loss curves, and a JSON line per run (final validatio
 largest gradient norm, training tokens/s).
 
     python benchmarks/train_tied_untied.py --out /tmp/tied_untied --steps 800 --lr 1e-3 -t 1
+
+`--only tied` / `--only untied` runs one of the two (two processes on two cores); each run leaves its
+history as JSON in --out, and the PNG shows every run found there.
 """
 
 from __future__ import annotations
@@ -46,22 +49,23 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("-t", "--threads", type=int, default=None)
+    ap.add_argument("--only", choices=["tied", "untied"], help="run one of the two")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
-    histories: dict[str, History] = {}
     entropy = 0.0
-    for tied in (True, False):
-        label = "tied" if tied else "untied"
+    for label in [a.only] if a.only else ["tied", "untied"]:
+        tied = label == "tied"
         config = TrainConfig(
             vocab_size=a.vocab_size, n_embd=a.n_embd, n_layer=a.n_layer, n_head=4, n_head_kv=2, n_ff=a.n_ff,
             ctx=a.ctx, tie_embeddings=tied, steps=a.steps, batch=a.batch, lr=a.lr, seed=a.seed, eval_every=50,
         )  # fmt: skip
         t0 = time.perf_counter()
         result = train(a.data, a.out / f"{label}.gguf", config, progress=False, plot=False)
-        h = histories[label] = result.history
+        h = result.history
         entropy = result.unigram_entropy
+        (a.out / f"{label}.json").write_text(json.dumps(asdict(h) | {"unigram_entropy": entropy}))
         print(
             json.dumps(
                 {
@@ -79,6 +83,12 @@ def main() -> None:
             ),
             flush=True,
         )
+    histories = {}
+    for label in ("tied", "untied"):
+        if (a.out / f"{label}.json").exists():
+            saved = json.loads((a.out / f"{label}.json").read_text())
+            entropy = saved.pop("unigram_entropy")
+            histories[label] = History(**saved)
     png = plot_losses(histories, a.out / "tied_untied.png", entropy, title=f"tied vs untied, lr {a.lr}")
     print(png)
 
