@@ -264,3 +264,18 @@ def test_cli_reports_bad_input_in_one_line(tmp_path: Path, capsys: pytest.Captur
     assert "not a gguflm training checkpoint" in capsys.readouterr().err
     assert main(["train", "--data", str(GPL3), "--n-head", "3", "--out", str(tmp_path / "m.gguf")]) == 1
     assert "error:" in capsys.readouterr().err
+
+
+def test_validation_holds_back_the_tail_of_every_file(tmp_path: Path) -> None:
+    from gguflm.train.loop import Corpus
+    from gguflm.train.run import read_data
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("".join(f"a{i}\n" for i in range(10)))
+    b.write_text("".join(f"b{i}\n" for i in range(20)))
+    (tmp_path / "link.txt").symlink_to(a)
+    texts = read_data([a, b, tmp_path / "link.txt"])  # the link names a file already read
+    assert len(texts) == 2
+    train_text, val_lines = Corpus.split(texts, 0.1)
+    assert val_lines == ["a9\n", "b18\n", "b19\n"]
+    assert "a8\n" in train_text and "a9" not in train_text and "b18" not in train_text

@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,13 +50,18 @@ class Corpus:
     bos: int
 
     @classmethod
-    def split(cls, text: str, val_fraction: float) -> tuple[str, list[str]]:
-        """(training text, held-back lines): the last val_fraction of the lines are held back."""
-        lines = text.splitlines(keepends=True)
-        n_val = max(1, round(len(lines) * val_fraction))
-        if len(lines) - n_val < 1:
+    def split(cls, texts: Sequence[str], val_fraction: float) -> tuple[str, list[str]]:
+        """(training text, held-back lines): the last val_fraction of each text's lines are held back,
+        so that validation samples every file (a text of one line gives none)."""
+        train_parts, val_lines = [], []
+        for text in texts:
+            lines = text.splitlines(keepends=True)
+            n_val = min(len(lines) - 1, max(1, round(len(lines) * val_fraction))) if len(lines) > 1 else 0
+            train_parts.append("".join(lines[: len(lines) - n_val]))
+            val_lines += lines[len(lines) - n_val :]
+        if not val_lines:
             raise ValueError("the text needs at least two lines (training and held-back validation)")
-        return "".join(lines[:-n_val]), lines[-n_val:]
+        return "\n".join(train_parts), val_lines
 
     @classmethod
     def encode(cls, tokenizer: Tokenizer, train_text: str, val_lines: list[str], ctx: int) -> Corpus:

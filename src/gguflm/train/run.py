@@ -31,8 +31,8 @@ class TrainResult:
         return self.trainer.history
 
 
-def read_data(paths: Sequence[str | os.PathLike[str]]) -> str:
-    """The files' texts, joined by newlines; a file named twice (or through a link) is read once."""
+def read_data(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """The files' texts; a file named twice (or through a link) is read once."""
     texts, seen = [], set()
     for p in paths:
         real = Path(p).resolve()
@@ -43,18 +43,18 @@ def read_data(paths: Sequence[str | os.PathLike[str]]) -> str:
             texts.append(Path(p).read_text(encoding="utf-8", errors="replace"))
         except OSError as e:
             raise ValueError(f"cannot read {p}: {e.strerror}") from None
-    text = "\n".join(texts)
-    if not text.strip():
+    if not any(t.strip() for t in texts):
         raise ValueError("the training data is empty")
-    return text
+    return texts
 
 
 def prepare(
-    text: str, config: TrainConfig, device: str = "cpu", checkpoint: dict[str, Any] | None = None
+    texts: Sequence[str], config: TrainConfig, device: str = "cpu", checkpoint: dict[str, Any] | None = None
 ) -> Trainer:
-    """A trainer over `text`: a new tokenizer and model, or the checkpoint's state to go on from."""
-    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    train_text, val_lines = Corpus.split(text, config.val_fraction)
+    """A trainer over `texts` (one per file): a new tokenizer and model, or the checkpoint's state to
+    go on from."""
+    digest = hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()
+    train_text, val_lines = Corpus.split(texts, config.val_fraction)
     if checkpoint is None:
         tokenizer = train_bpe(train_text.splitlines(keepends=True), config.vocab_size)
     else:
@@ -99,7 +99,7 @@ def train(
         raise ValueError(f"unknown --outtype {outtype!r} (expected one of {', '.join(OUTTYPES)})")
     out = Path(out)
     ckpt_path = Path(checkpoint) if checkpoint else out.with_suffix(".ckpt")
-    text = read_data(data)
+    texts = read_data(data)
     state = None
     if resume is not None:
         state = load_checkpoint(Path(resume))
@@ -108,7 +108,7 @@ def train(
         raise ValueError("give a TrainConfig for a new run, or a checkpoint to resume")
     elif steps is not None:
         config = replace(config, steps=steps)
-    trainer = prepare(text, config, device, state)
+    trainer = prepare(texts, config, device, state)
     entropy = trainer.corpus.unigram_entropy()
     a = trainer.args
     n_params = sum(p.numel() for p in trainer.model.parameters())
