@@ -470,6 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_convert)
 
+    from gguflm.train_cli import add_train_parser
+
+    add_train_parser(sub, common)
+
     p = sub.add_parser("inspect", parents=[common], help="metadata and tensor table of a GGUF file")
     p.add_argument("model_path", nargs="?")
     p.add_argument("--system", action="store_true", help="the CPU's capability and the kernel paths chosen")
