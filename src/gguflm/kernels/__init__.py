@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 import platform
 import sys
 from pathlib import Path
@@ -105,6 +106,20 @@ class NativeKernels:
         return f"NativeKernels({self.namespace}, isa={self.isa()})"
 
 
+def _copy_source(src: Path, folder: Path) -> Path:
+    """The build compiles a copy of the source kept in its own folder: the folder is named by the
+    sources' content, and ninja rebuilds when a source's path changes, so every checkout (a clone, a
+    worktree, an installed package) with the same sources then shares one build instead of each
+    rebuilding it. Written atomically: processes may build side by side."""
+    dest = folder / src.name
+    data = src.read_bytes()
+    if not dest.is_file() or dest.read_bytes() != data:
+        tmp = folder / f".{src.name}.{os.getpid()}"
+        tmp.write_bytes(data)
+        os.replace(tmp, dest)
+    return dest
+
+
 def build(name: str = "auto") -> NativeKernels:
     """Compile (or load from the cache) the kernels for variant `name`; raises on a failed build."""
     from torch.utils import cpp_extension
@@ -122,7 +137,7 @@ def build(name: str = "auto") -> NativeKernels:
     if not hasattr(torch.ops, ext) or not hasattr(getattr(torch.ops, ext), "gated"):
         library = cpp_extension.load(
             name=ext,
-            sources=[str(here / s) for s in SOURCES],
+            sources=[str(_copy_source(here / s, folder)) for s in SOURCES],
             extra_cflags=[*cflags, f"-DGGUFLM_NS={ext}"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(folder),
