@@ -94,20 +94,37 @@ class Lens:
             raise ValueError("the lens has recorded nothing: decode a batch with outputs while attached")
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-    def logits(self, layer: int) -> torch.Tensor:
-        """(n_rows, n_vocab) float32: layer's hidden states through the final norm and output head."""
+    def logits(self, layer: int, rows: slice | torch.Tensor | None = None) -> torch.Tensor:
+        """(n_rows, n_vocab) float32: layer's hidden states (or those of `rows`) through the final
+        norm and the output head."""
         t = self.model.transformer
+        h = self.hidden(layer) if rows is None else self.hidden(layer)[rows]
         with torch.inference_mode():
-            return t.logits(t.norm(self.hidden(layer), t.output_norm)).float()
+            return t.logits(t.norm(h, t.output_norm)).float()
 
 
-def decode_with_lens(model: Model, tokens: list[int], layers: Sequence[int], n_ubatch: int = 512) -> Lens:
-    """One sequence decoded from an empty context with every position an output, under a lens."""
+def decode_with_lens(
+    model: Model,
+    tokens: list[int],
+    layers: Sequence[int],
+    n_ubatch: int = 512,
+    embeddings: torch.Tensor | None = None,
+) -> Lens:
+    """One sequence decoded from an empty context with every position an output, under a lens: the
+    token ids, or (embeddings, (n, n_embd)) vectors in their place, `tokens` then only naming them."""
     if not tokens:
         raise ValueError("the prompt is empty")
-    ctx = Context(model, n_ctx=max(len(tokens), 16), n_batch=len(tokens), n_ubatch=n_ubatch)
+    if embeddings is not None and embeddings.shape[0] != len(tokens):
+        raise ValueError(f"{embeddings.shape[0]} embedding rows for {len(tokens)} tokens")
+    n = len(tokens)
+    ctx = Context(model, n_ctx=max(n, 16), n_batch=n, n_ubatch=n_ubatch)
+    output = [True] * n
+    if embeddings is None:
+        batch = Batch.from_tokens(tokens, output=output)
+    else:
+        batch = Batch.from_embeddings(embeddings, output=output)
     with Lens(model, layers) as lens:
-        status = ctx.decode(Batch.from_tokens(tokens, output=[True] * len(tokens)))
+        status = ctx.decode(batch)
     if status != DECODE_OK:
         raise DecodeError(status, "the lens prompt")
     return lens
@@ -152,9 +169,16 @@ class PromptLens:
         }
 
 
-def lens_prompt(model: Model, tokens: list[int], layers: Sequence[int], top_k: int = 5) -> PromptLens:
+def lens_prompt(
+    model: Model,
+    tokens: list[int],
+    layers: Sequence[int],
+    top_k: int = 5,
+    embeddings: torch.Tensor | None = None,
+) -> PromptLens:
+    """The lens of a prompt given as token ids, or as embedding vectors (n, n_embd) named by tokens."""
     n_layer = model.args.n_layer
-    lens = decode_with_lens(model, tokens, sorted({*layers, n_layer}))
+    lens = decode_with_lens(model, tokens, sorted({*layers, n_layer}), embeddings=embeddings)
     final_top = lens.logits(n_layer).argmax(-1)  # (n_pos,)
     top_ids, top_probs, ranks = [], [], []
     for layer in layers:
