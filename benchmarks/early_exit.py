@@ -5,7 +5,8 @@
 For each L: `Context(exit_layer=L)` (as `gguflm perplexity --exit-layer L` and `gguflm bench
 --exit-layer L`): perplexity on GPL-3 with `-c 512` over the first `--chunks` chunks (the same for
 every L), prefill t/s of `-p` random tokens and decode t/s of `-n` tokens after a 16-token prompt,
-each the best of `-r` runs (the machine may be shared: the best run is the least disturbed).
+each the best of `-r` passes that time every L in turn (on a shared machine the best run is the least
+disturbed one, and load from elsewhere falls on every L alike).
 """
 
 from __future__ import annotations
@@ -31,25 +32,53 @@ def default_layers(n_layer: int) -> list[int]:
     return sorted({*range(4, n_layer + 1, 4), *range(max(1, n_layer - 2), n_layer + 1)})
 
 
-def measure(model: Model, layer: int, tokens: list[int], args: argparse.Namespace) -> dict[str, float]:
+def measure_ppl(model: Model, layer: int, tokens: list[int], chunks: int) -> tuple[float, float]:
     n_ctx = 512
     ctx = Context(model, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, exit_layer=layer)
     bos = model.tokenizer.bos_id if model.tokenizer.add_bos else None
-    *_, last = perplexity(ctx, tokens[: args.chunks * n_ctx], n_ctx, bos)
-    ppl, err = last.final()
+    *_, last = perplexity(ctx, tokens[: chunks * n_ctx], n_ctx, bos)
+    return last.final()
+
+
+def measure_speed(
+    model: Model, layers: list[int], args: argparse.Namespace
+) -> tuple[dict[int, float], dict[int, float]]:
+    """Best prefill and decode seconds per exit layer over `repetitions` passes, each pass timing every
+    layer once in turn: a burst of load from elsewhere falls on all layers alike, not on one."""
     pp_tokens = _tokens(model, args.n_prompt, 0)
     prompt = _tokens(model, TG_PROMPT, 1)
-    time_prefill(ctx, pp_tokens)  # warm-up
-    pp = min(time_prefill(ctx, pp_tokens) for _ in range(args.repetitions))
-    time_generation(ctx, prompt, 4)
-    tg = min(time_generation(ctx, prompt, args.n_gen) for _ in range(args.repetitions))
-    return {
-        "layer": layer,
-        "ppl": ppl,
-        "ppl_err": err,
-        "pp_tps": args.n_prompt / pp,
-        "tg_tps": args.n_gen / tg,
+    contexts = {
+        layer: Context(model, n_ctx=512, n_batch=512, n_ubatch=512, exit_layer=layer) for layer in layers
     }
+    pp: dict[int, float] = {}
+    tg: dict[int, float] = {}
+    for ctx in contexts.values():  # warm-up
+        time_prefill(ctx, pp_tokens)
+        time_generation(ctx, prompt, 4)
+    for _ in range(args.repetitions):
+        for layer, ctx in contexts.items():
+            pp[layer] = min(pp.get(layer, float("inf")), time_prefill(ctx, pp_tokens))
+            tg[layer] = min(tg.get(layer, float("inf")), time_generation(ctx, prompt, args.n_gen))
+    return pp, tg
+
+
+def number(x: float) -> str:
+    return f"{x:.2f}" if x < 1e4 else f"{x:.2g}"
+
+
+def table(rows: list[dict[str, float]]) -> str:
+    """Markdown; the x columns are ratios to the last row (the full model when it is the last)."""
+    full = rows[-1]
+    lines = [
+        f"| exit layer L | PPL | decode t/s | prefill t/s | decode vs L={full['layer']} | prefill vs L={full['layer']} |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['layer']} | {number(r['ppl'])} ± {number(r['ppl_err'])} | {r['tg_tps']:.1f} | "
+            f"{r['pp_tps']:.1f} | {r['tg_tps'] / full['tg_tps']:.2f} | {r['pp_tps'] / full['pp_tps']:.2f} |"
+        )
+    return "\n".join(lines)
 
 
 def plot(path: str, model: Model, rows: list[dict[str, float]]) -> None:
@@ -96,25 +125,26 @@ def main() -> int:
     n_layer = model.args.n_layer
     layers = [int(x) for x in args.layers.split(",")] if args.layers else default_layers(n_layer)
     tokens = model.tokenizer.encode(Path(args.file).read_text(), add_special=True)
+    pp, tg = measure_speed(model, layers, args)
     rows = []
     for layer in layers:
-        rows.append(measure(model, layer, tokens, args))
+        ppl, err = measure_ppl(model, layer, tokens, args.chunks)
+        rows.append(
+            {
+                "layer": layer,
+                "ppl": ppl,
+                "ppl_err": err,
+                "pp_tps": args.n_prompt / pp[layer],
+                "tg_tps": args.n_gen / tg[layer],
+            }
+        )
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    full = rows[-1] if rows[-1]["layer"] == n_layer else None
     print(f"{model.path.name}, {n_layer} layers; {describe()}, {args.threads} thread(s)")
     print(
         f"perplexity: {Path(args.file).name}, -c 512, first {args.chunks} chunks; pp{args.n_prompt}, tg{args.n_gen}"
     )
     print()
-    print("| exit layer L | PPL | decode t/s | prefill t/s |" + (" decode x | prefill x |" if full else ""))
-    print("| ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if full else ""))
-    for r in rows:
-        line = (
-            f"| {r['layer']} | {r['ppl']:.2f} ± {r['ppl_err']:.2f} | {r['tg_tps']:.1f} | {r['pp_tps']:.1f} |"
-        )
-        if full:
-            line += f" {r['tg_tps'] / full['tg_tps']:.2f} | {r['pp_tps'] / full['pp_tps']:.2f} |"
-        print(line)
+    print(table(rows))
     if args.png:
         plot(args.png, model, rows)
     if args.json:
