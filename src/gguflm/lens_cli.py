@@ -137,7 +137,7 @@ def cmd_vocab(args: argparse.Namespace) -> int:
                 args.png,
                 result.cos_in_out,
                 f"cos(input embedding_i, {output_name}_i)",
-                f"{model.path.name} ({'tied' if mats.tied else 'untied'}): {model.n_vocab} tokens; "
+                f"{model.path.name} ({'tied' if mats.tied else 'untied'}), {model.n_vocab} tokens\n"
                 f"top-{args.neighbours} neighbour overlap {100 * summary['neighbour_overlap_mean']:.0f}% "
                 f"({len(result.sampled)} tokens)",
             )
