@@ -396,7 +396,7 @@ class Transformer:
 
     def keep_outputs(self, il: int, ub: UBatch, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """After the last layer's attention only the requested rows go on (llama.cpp's inp_out_ids);
-        the last layer is the exit layer's when the micro-batch exits early."""
+        the last layer run is the exit layer when the micro-batch exits early."""
         if il != (ub.n_layer_run or self.args.n_layer) - 1:
             return tensors
         return tuple(t[ub.out_rows] for t in tensors)
