@@ -16,7 +16,7 @@ from gguflm import cli, paths
 
 SRC = Path(gguflm.__file__).parent
 ENGINE = ("gguflm.model", "gguflm.context", "gguflm.llm", "gguflm.generate")
-CLI_MODULES = {"cli.py", "chat_cli.py", "__main__.py"}
+CLI_MODULES = {"cli.py", "chat_cli.py", "lens_cli.py", "__main__.py"}
 
 
 def loaded_after(code: str) -> dict[str, bool]:

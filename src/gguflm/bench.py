@@ -94,18 +94,26 @@ def run_bench(
     repetitions: int = 3,
     parallel: tuple[int, ...] = (),
     n_parallel_steps: int = 32,
+    exit_layer: int | None = None,
     progress: Callable[[str], None] = lambda _: None,
 ) -> dict[str, object]:
     n_seq_max = max((1, *parallel))
     n_ctx = max(n_prompt, TG_PROMPT + n_gen, TG_PROMPT * n_seq_max + n_seq_max * n_parallel_steps) + 16
     n_batch = max(n_prompt, TG_PROMPT, n_seq_max)
-    ctx = Context(model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=512)
+    ctx = Context(model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=512, exit_layer=exit_layer)
     parallel_ctx: list[Context] = []  # made after pp and tg ran: it gives the model a dense output copy
 
     def time_parallel_job(n_seq: int) -> float:
         if not parallel_ctx:
             parallel_ctx.append(
-                Context(model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=512, n_seq_max=n_seq_max)
+                Context(
+                    model,
+                    n_ctx=n_ctx,
+                    n_batch=n_batch,
+                    n_ubatch=512,
+                    n_seq_max=n_seq_max,
+                    exit_layer=exit_layer,
+                )
             )
         return time_parallel(parallel_ctx[0], prompt, n_seq, n_parallel_steps)
 
@@ -133,6 +141,7 @@ def run_bench(
         "model": str(model.path.name),
         "mode": model.mode,
         "threads": torch.get_num_threads(),
+        "exit_layer": exit_layer,
         "cpu": describe(),
     }
     by_name = {m.name: m for m, _ in jobs}
@@ -158,5 +167,6 @@ def markdown(result: dict[str, object], n_prompt: int, n_gen: int) -> str:
     std: dict[str, float] = result["npl_std"]  # type: ignore[assignment]
     for n, tps in npl.items():
         rows.append(f"| decode, {n} parallel sequences | {tps:.1f} ± {std[n]:.1f} |")
-    header = f"model {result['model']} ({result['mode']} mode), {result['threads']} threads\n{result['cpu']}"
+    exit_at = f", exit after layer {result['exit_layer']}" if result.get("exit_layer") else ""
+    header = f"model {result['model']} ({result['mode']} mode{exit_at}), {result['threads']} threads\n{result['cpu']}"
     return "\n".join([header, "", *rows, "", f"peak RSS {result['peak_rss_mb']:.0f} MB"])

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gguflm.chat_cli import add_chat_parser
+from gguflm.lens_cli import add_lens_parsers
 from gguflm.paths import ModelNotFoundError, default_model_path
 from gguflm.sampling_args import add_sampling_args, grammar_from_args, sampler_params
 
@@ -157,7 +158,11 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     tokens = tok.encode(read_text(args), add_special=True, parse_special=False)
     n_ctx = args.ctx_size or 512
     ctx = Context(
-        model, n_ctx=n_ctx, n_batch=min(args.batch_size, n_ctx), n_ubatch=min(args.batch_size, n_ctx, 512)
+        model,
+        n_ctx=n_ctx,
+        n_batch=min(args.batch_size, n_ctx),
+        n_ubatch=min(args.batch_size, n_ctx, 512),
+        exit_layer=args.exit_layer,
     )
     bos = tok.bos_id if tok.add_bos else None
     log.info("perplexity: %d tokens, %d chunks of %d", len(tokens), len(tokens) // n_ctx, n_ctx)
@@ -242,6 +247,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.n_gen,
         args.repetitions,
         parallel,
+        exit_layer=args.exit_layer,
         progress=lambda text: print(f"\rbench: {text}   ", end="", file=sys.stderr, flush=True),
     )
     print(file=sys.stderr)
@@ -390,6 +396,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-b", "--batch-size", type=int, default=2048, help="logical batch size")
 
 
+def add_exit_layer_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--exit-layer",
+        type=int,
+        default=None,
+        metavar="L",
+        help="early exit: run only the first L layers, then the final norm and output head",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -427,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=MODES,
         help="also compare next-token distributions with another mode (default: reference)",
     )
+    add_exit_layer_arg(p)
     p.set_defaults(func=cmd_perplexity, prompt=None)
 
     p = sub.add_parser("embed", parents=[common], help="embeddings of prompts (llama-embedding)")
@@ -449,9 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-r", "--repetitions", type=int, default=3)
     p.add_argument("--npl", default="", help="comma-separated numbers of parallel sequences, e.g. 1,4,16")
     p.add_argument("-o", "--output", choices=["md", "json"], default="md")
+    add_exit_layer_arg(p)
     p.set_defaults(func=cmd_bench)
 
     add_chat_parser(sub, common)
+    add_lens_parsers(sub, common)
 
     from gguflm.server import add_serve_parser
 

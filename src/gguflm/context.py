@@ -68,7 +68,10 @@ class Context:
         embeddings: bool = False,
         pooling: str = "none",
         kv_dtype: torch.dtype = torch.float32,
+        exit_layer: int | None = None,
     ) -> None:
+        """exit_layer L: every decode runs only layers 0..L-1, then the final norm and the output head
+        (early exit: a smaller, less accurate model; the KV cache holds those L layers only)."""
         if pooling not in POOLING_TYPES:
             raise ValueError(f"unknown pooling {pooling!r} (expected one of {', '.join(POOLING_TYPES)})")
         if pooling == "rank":
@@ -81,7 +84,13 @@ class Context:
             log.warning(
                 "n_ctx %d is larger than the model was trained for (%d)", n_ctx, model.args.n_ctx_train
             )
+        n_layer = model.args.n_layer
+        if exit_layer is not None and not 1 <= exit_layer <= n_layer:
+            raise ValueError(
+                f"exit layer {exit_layer} is out of range: {model.path.name} has layers 1..{n_layer}"
+            )
         self.model = model
+        self.exit_layer = exit_layer
         self.n_ctx = n_ctx
         self.n_batch = n_batch
         self.n_ubatch = min(n_ubatch, n_batch)
@@ -94,7 +103,7 @@ class Context:
         # llama.cpp's LongRoPE choice: long factors when a sequence may outgrow the original context
         self.long_context = n_ctx // n_seq_max > args.n_ctx_orig
         self.kv = KVCache(
-            n_layer=args.n_layer,
+            n_layer=exit_layer or args.n_layer,
             n_ctx=n_ctx,
             n_head_kv=args.n_head_kv,
             head_dim=args.head_dim,
@@ -253,6 +262,7 @@ class Context:
                 groups=groups,
                 from_tokens=batch.tokens is not None,
                 long_context=self.long_context,
+                n_layer_run=self.exit_layer or 0,
             )
             outs.append(transformer.forward(x, ub))
         return torch.cat(outs) if len(outs) > 1 else outs[0]

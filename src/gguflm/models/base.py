@@ -168,6 +168,7 @@ class UBatch:
     groups: list[SequenceGroup] | None = None  # several sequence sets, each attended alone
     from_tokens: bool = True  # the input rows are token embeddings (not vectors given by the caller)
     long_context: bool = False  # the context's per-sequence length exceeds the original (LongRoPE)
+    n_layer_run: int = 0  # run layers [0, n_layer_run), then the final norm (early exit); 0: all
     _rotations: dict[int, torch.Tensor] = field(default_factory=dict)
     _rotation_pairs: dict[int, torch.Tensor] = field(default_factory=dict)
     _cell_sets: dict[int, list[SequenceGroup]] = field(default_factory=dict)
@@ -394,8 +395,9 @@ class Transformer:
         return x
 
     def keep_outputs(self, il: int, ub: UBatch, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """After the last layer's attention only the requested rows go on (llama.cpp's inp_out_ids)."""
-        if il != self.args.n_layer - 1:
+        """After the last layer's attention only the requested rows go on (llama.cpp's inp_out_ids);
+        the last layer run is the exit layer when the micro-batch exits early."""
+        if il != (ub.n_layer_run or self.args.n_layer) - 1:
             return tensors
         return tuple(t[ub.out_rows] for t in tensors)
 
@@ -539,7 +541,8 @@ class Transformer:
         return rope(k.float(), rope.rotation(delta, shift=True))
 
     def forward(self, x: torch.Tensor, ub: UBatch) -> torch.Tensor:
-        """x (T, n_embd) input vectors -> (n_out, n_embd): final-normed hidden states of ub.out_rows.
+        """x (T, n_embd) input vectors -> (n_out, n_embd): final-normed hidden states of ub.out_rows,
+        after every layer or, with ub.n_layer_run, after the first n_layer_run (early exit).
 
         With `ub.groups` (several sequence sets), attention runs for each set alone over its own cells
         in position order, the very call it gets when decoded alone (the kernel's sums depend on where
@@ -548,8 +551,10 @@ class Transformer:
         """
         if self.embd_scale and ub.from_tokens:  # llama.cpp scales token rows only, not given vectors
             x = x * self.args.n_embd**0.5
+        self.observe("inp_out_ids", -1, ub.out_rows)  # (n_out,) the rows the last layer keeps (a lens)
         x = self.observe("inp_embd", -1, x)
-        for il, layer in enumerate(self.layers):
+        layers = self.layers[: ub.n_layer_run] if ub.n_layer_run else self.layers
+        for il, layer in enumerate(layers):
             x = self.observe("l_out", il, self.block(layer, il, x, ub))
         return self.observe("result_norm", -1, self.norm(x, self.output_norm))
 
