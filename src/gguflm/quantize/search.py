@@ -56,6 +56,25 @@ def first_absmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ax.gather(-1, idx).squeeze(-1), x.gather(-1, idx).squeeze(-1)
 
 
+def _cols(t: torch.Tensor) -> torch.Tensor:
+    """(G, n) -> (n, G) contiguous: the searches work column by column, so that a sum in index order
+    is n - 1 adds of contiguous (G,) rows and per-group values broadcast as (1, G)."""
+    return t.t().contiguous()
+
+
+def _sum_rows(t: torch.Tensor) -> torch.Tensor:
+    """(n, G) -> (G,): t[0] + t[1] + ... in index order."""
+    acc = t[0].clone()
+    for i in range(1, t.shape[0]):
+        acc += t[i]
+    return acc
+
+
+def _round(v: torch.Tensor) -> torch.Tensor:
+    """nearest_int, kept in float32 (the codes are small integers, exact in float)."""
+    return torch.round(v)
+
+
 def make_qx_quants(
     nmax: int, x: torch.Tensor, rmse_type: int, qw: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,16 +87,15 @@ def make_qx_quants(
     amax, vmax = first_absmax(x)
     zero = amax < GROUP_MAX_EPS
     vmax = torch.where(zero, torch.ones_like(vmax), vmax)
-    w = qw if qw is not None else x * x
-    wx = w * x
+    xc = _cols(x)  # (n, G)
+    w = _cols(qw) if qw is not None else xc * xc
+    wx = w * xc
 
     def codes(iscale: torch.Tensor) -> torch.Tensor:
-        return nearest_int(iscale.unsqueeze(-1) * x).clamp_(-nmax, nmax - 1)
+        return _round(iscale * xc).clamp_(-nmax, nmax - 1)  # (n, G)
 
-    def sums(ls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        lf = ls.float()
-        both = seq_sum(torch.stack((wx * lf, w * lf * lf)))  # (2, G)
-        return both[0], both[1]
+    def sums(lf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _sum_rows(wx * lf), _sum_rows(w * lf * lf)
 
     ls = codes(rdiv(-nmax, vmax))
     sumlx, suml2 = sums(ls)
@@ -86,51 +104,45 @@ def make_qx_quants(
     for step in range(-9, 10):
         if step == 0:
             continue
-        iscale = rdiv(-f32(nmax + f32(f32(0.1) * step)), vmax)
-        trial = codes(iscale)
+        trial = codes(rdiv(-f32(nmax + f32(f32(0.1) * step)), vmax))
         sumlx, suml2 = sums(trial)
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        ls = torch.where(better.unsqueeze(-1), trial, ls)
+        ls = torch.where(better, trial, ls)
         scale = torch.where(better, sumlx / suml2, scale)
         best = torch.where(better, scale * sumlx, best)
-    ls = torch.where(zero.unsqueeze(-1), -nmax, ls)
-    return torch.where(zero, 0.0, scale), ls + nmax
+    ls = torch.where(zero, -nmax, ls)
+    return torch.where(zero, 0.0, scale), (ls + nmax).t().to(torch.int32).contiguous()
 
 
 def _greedy_refine(
-    x: torch.Tensor,
+    xc: torch.Tensor,
     w: torch.Tensor,
     ls: torch.Tensor,
     lo: int | None,
     hi: int,
     need_sl2: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Up to 5 passes of one-code-at-a-time changes that raise (sum w x l)^2 / sum w l^2.
-
-    make_q3_quants (need_sl2=False: the step is tried whenever slx > 0) and make_qp_quants
+    """Up to 5 passes of one-code-at-a-time changes that raise (sum w x l)^2 / sum w l^2, on (n, G)
+    columns. make_q3_quants (need_sl2=False: the step is tried whenever slx > 0) and make_qp_quants
     (need_sl2=True, no lower clamp). A pass that changes nothing leaves the state as it was, so
     running all 5 passes for every group equals llama.cpp's early stop. -> (ls, sumlx, suml2)."""
-    wx = w * x
-    lf = ls.float()
-    both = seq_sum(torch.stack((wx * lf, w * lf * lf)))
-    sumlx, suml2 = both[0], both[1]
+    wx = w * xc
+    sumlx, suml2 = _sum_rows(wx * ls), _sum_rows(w * ls * ls)
     ls = ls.clone()
     for _ in range(5):
-        for i in range(x.shape[-1]):
-            xi, wi, wxi = x[:, i], w[:, i], wx[:, i]
-            li = ls[:, i].float()
+        for i in range(xc.shape[0]):
+            xi, wi, wxi, li = xc[i], w[i], wx[i], ls[i]
             slx = sumlx - wxi * li
             sl2 = suml2 - wi * li * li
             ok = (slx > 0) & (sl2 > 0) if need_sl2 else slx > 0
-            new_l = nearest_int(xi * sl2 / slx)
-            new_l = new_l.clamp(min=lo, max=hi) if lo is not None else new_l.clamp(max=hi)
-            nl = new_l.float()
-            slx2 = slx + wxi * nl
-            sl22 = sl2 + wi * nl * nl
-            take = ok & (new_l != ls[:, i]) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            new_l = _round(xi * sl2 / slx)
+            new_l = new_l.clamp_(min=lo, max=hi) if lo is not None else new_l.clamp_(max=hi)
+            slx2 = slx + wxi * new_l
+            sl22 = sl2 + wi * new_l * new_l
+            take = ok & (new_l != li) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
             if not need_sl2:
                 take &= sl22 > 0
-            ls[:, i] = torch.where(take, new_l, ls[:, i])
+            ls[i] = torch.where(take, new_l, li)
             sumlx = torch.where(take, slx2, sumlx)
             suml2 = torch.where(take, sl22, suml2)
     return ls, sumlx, suml2
@@ -141,12 +153,12 @@ def make_q3_quants(nmax: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     amax, vmax = first_absmax(x)
     zero = amax < GROUP_MAX_EPS
     vmax = torch.where(zero, torch.ones_like(vmax), vmax)
-    iscale = rdiv(-nmax, vmax)
-    ls = nearest_int(iscale.unsqueeze(-1) * x).clamp_(-nmax, nmax - 1)
-    ls, sumlx, suml2 = _greedy_refine(x, x * x, ls, -nmax, nmax - 1, need_sl2=False)
+    xc = _cols(x)
+    ls = _round(rdiv(-nmax, vmax) * xc).clamp_(-nmax, nmax - 1)
+    ls, sumlx, suml2 = _greedy_refine(xc, xc * xc, ls, -nmax, nmax - 1, need_sl2=False)
     scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
-    ls = torch.where(zero.unsqueeze(-1), -nmax, ls)
-    return torch.where(zero, 0.0, scale), ls + nmax
+    ls = torch.where(zero, -nmax, ls)
+    return torch.where(zero, 0.0, scale), (ls + nmax).t().to(torch.int32).contiguous()
 
 
 def make_qp_quants(nmax: int, x: torch.Tensor, qw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,27 +166,24 @@ def make_qp_quants(nmax: int, x: torch.Tensor, qw: torch.Tensor) -> tuple[torch.
     vmax = x.clamp(min=0).max(dim=-1).values
     zero = vmax < GROUP_MAX_EPS
     vmax = torch.where(zero, torch.ones_like(vmax), vmax)
+    xc, w = _cols(x), _cols(qw)
     iscale = rdiv(nmax, vmax)
-    ls0 = nearest_int(iscale.unsqueeze(-1) * x)
-    scale = rdiv(1.0, iscale)
-    diff = x - scale.unsqueeze(-1) * ls0.float()
-    best = seq_sum(qw * diff * diff)
+    diff = xc - rdiv(1.0, iscale) * _round(iscale * xc)
+    best = _sum_rows(w * diff * diff)
     for step in range(-4, 5):
         if step == 0:
             continue
         iscale_is = rdiv(f32(f32(f32(0.1) * step) + nmax), vmax)
-        scale_is = rdiv(1.0, iscale_is)
-        lt = nearest_int(iscale_is.unsqueeze(-1) * x).clamp_(max=nmax)
-        diff = x - scale_is.unsqueeze(-1) * lt.float()
-        mse = seq_sum(qw * diff * diff)
+        diff = xc - rdiv(1.0, iscale_is) * _round(iscale_is * xc).clamp_(max=nmax)
+        mse = _sum_rows(w * diff * diff)
         better = mse < best
         best = torch.where(better, mse, best)
         iscale = torch.where(better, iscale_is, iscale)
-    ls = nearest_int(iscale.unsqueeze(-1) * x).clamp_(max=nmax)
-    ls, sumlx, suml2 = _greedy_refine(x, qw, ls, None, nmax, need_sl2=True)
+    ls = _round(iscale * xc).clamp_(max=nmax)
+    ls, sumlx, suml2 = _greedy_refine(xc, w, ls, None, nmax, need_sl2=True)
     scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
-    ls = torch.where(zero.unsqueeze(-1), 0, ls)
-    return torch.where(zero, 0.0, scale), ls
+    ls = torch.where(zero, 0, ls)
+    return torch.where(zero, 0.0, scale), ls.t().to(torch.int32).contiguous()
 
 
 def make_qkx_quants(
@@ -193,40 +202,42 @@ def make_qkx_quants(
     vmin = x.min(dim=-1).values.clamp(max=0)
     vmax = x.max(dim=-1).values
     flat = vmax == vmin
-    span = torch.where(flat, torch.ones_like(vmax), vmax - vmin)
-    sums_w = seq_sum(torch.stack((weights, weights * x)))
-    sum_w, sum_x = sums_w[0], sums_w[1]
+    xc, w = _cols(x), _cols(weights)  # (n, G)
+    sum_w, sum_x = _sum_rows(w), _sum_rows(w * xc)
+
+    def span(mn: torch.Tensor) -> torch.Tensor:
+        return torch.where(flat, torch.ones_like(vmax), vmax - mn)
 
     def error(scale: torch.Tensor, mn: torch.Tensor, lf: torch.Tensor) -> torch.Tensor:
-        diff = scale.unsqueeze(-1) * lf + mn.unsqueeze(-1) - x
-        diff = diff.abs() if use_mad else diff * diff
-        return seq_sum(weights * diff)
+        diff = (lf * scale).add_(mn).sub_(xc)  # in place: the same roundings, fewer 4 MB temporaries
+        diff = diff.abs_() if use_mad else diff.mul_(diff)
+        return _sum_rows(diff.mul_(w))
 
-    iscale = rdiv(nmax, span)
+    iscale = rdiv(nmax, span(vmin))
     scale = rdiv(1.0, iscale)
-    ls = nearest_int(iscale.unsqueeze(-1) * (x - vmin.unsqueeze(-1))).clamp_(0, nmax)
-    best = error(scale, vmin, ls.float())
+    ls = _round(iscale * (xc - vmin)).clamp_(0, nmax)
+    best = error(scale, vmin, ls)
     mn = vmin
     for step in range(nstep + 1):
         # the min found so far moves the grid: llama.cpp reads `min` after updating it
-        span = torch.where(flat, torch.ones_like(vmax), vmax - mn)
-        iscale = rdiv(f32(f32(f32(rmin) + f32(f32(rdelta) * step)) + nmax), span)
-        trial = nearest_int(iscale.unsqueeze(-1) * (x - mn.unsqueeze(-1))).clamp_(0, nmax)
-        lf = trial.float()
-        wl = weights * lf
-        s = seq_sum(torch.stack((wl, wl * lf, wl * x)))
-        sum_l, sum_l2, sum_xl = s[0], s[1], s[2]
+        iscale = rdiv(f32(f32(f32(rmin) + f32(f32(rdelta) * step)) + nmax), span(mn))
+        trial = (xc - mn).mul_(iscale).round_().clamp_(0, nmax)
+        wl = w * trial
+        sum_l = _sum_rows(wl)
+        scratch = torch.mul(wl, trial)
+        sum_l2 = _sum_rows(scratch)
+        sum_xl = _sum_rows(torch.mul(wl, xc, out=scratch))
         det = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
         positive = this_min > 0
         this_scale = torch.where(positive, sum_xl / sum_l2, this_scale)
         this_min = torch.where(positive, 0.0, this_min)
-        cur = error(this_scale, this_min, lf)
+        cur = error(this_scale, this_min, trial)
         better = (det > 0) & (cur < best)
-        ls = torch.where(better.unsqueeze(-1), trial, ls)
+        ls = torch.where(better, trial, ls)
         best = torch.where(better, cur, best)
         scale = torch.where(better, this_scale, scale)
         mn = torch.where(better, this_min, mn)
-    ls = torch.where(flat.unsqueeze(-1), 0, ls)
-    return torch.where(flat, 0.0, scale), torch.where(flat, -vmin, -mn), ls
+    ls = torch.where(flat, 0, ls)
+    return torch.where(flat, 0.0, scale), torch.where(flat, -vmin, -mn), ls.t().to(torch.int32).contiguous()
