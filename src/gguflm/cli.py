@@ -380,6 +380,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         pure=args.pure,
         output_type=tensor_type(args.output_tensor_type, "--output-tensor-type"),
         token_embd_type=tensor_type(args.token_embedding_type, "--token-embedding-type"),
+        threads=args.threads,
     )
     mib = 1024 * 1024
     print(f"model size  = {report.size_in / mib:8.2f} MiB", file=sys.stderr)
@@ -497,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pure", action="store_true", help="every tensor in the type's default, no mix")
     p.add_argument("--output-tensor-type", help="type of output.weight")
     p.add_argument("--token-embedding-type", help="type of token_embd.weight")
+    p.add_argument("-t", "--threads", type=int, default=None, help="quantizing threads (default: all cores)")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("imatrix", parents=[common], help="importance matrix of a text (llama-imatrix)")
