@@ -138,12 +138,12 @@ def main() -> int:
         calib = work / "calibration.txt"
         calib.write_text("\n\n".join(p.read_text() for p in CALIBRATION))
         imatrix = work / "imatrix.gguf"
-        t0 = time.perf_counter()
-        gguflm("imatrix", "-m", str(f32), "-f", str(calib), "-o", str(imatrix), "-c", "512")
-        print(
-            f"imatrix: {time.perf_counter() - t0:.1f} s on {calib.stat().st_size} bytes of text",
-            file=sys.stderr,
-        )
+        if not imatrix.exists():  # kept between runs: it takes minutes on 2 shared cores
+            t0 = time.perf_counter()
+            gguflm("imatrix", "-m", str(f32), "-f", str(calib), "-o", str(imatrix), "-c", "512")
+            print(
+                f"imatrix: {time.perf_counter() - t0:.1f} s on {calib.stat().st_size} bytes", file=sys.stderr
+            )
         jobs += [(t, imatrix) for t in a.imatrix_types.split(",") if t]
     print(
         f"SmolLM2-135M-Instruct (F32 dequantized from the shipped Q4_1), GPL-3 -c {n_ctx}, first {len(token_chunks)} chunks\n"
