@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gguflm.chat_cli import add_chat_parser
 from gguflm.lens_cli import add_lens_parsers
@@ -382,6 +382,53 @@ def print_embeddings(
     print(text + "\n}")
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from gguflm.quantize.driver import quantize_file
+    from gguflm.quantize.imatrix import read_imatrix
+    from gguflm.quantize.mix import FILE_TYPES, TENSOR_TYPES
+
+    def tensor_type(name: str | None, flag: str) -> Any:
+        if name is not None and name.upper() not in TENSOR_TYPES:
+            raise UsageError(f"{flag}: unknown type {name!r} (one of: {', '.join(TENSOR_TYPES)})")
+        return TENSOR_TYPES[name.upper()] if name is not None else None
+
+    if args.type.upper() not in FILE_TYPES:
+        raise UsageError(f"unknown quantization type {args.type!r} (one of: {', '.join(FILE_TYPES)})")
+    report = quantize_file(
+        args.input,
+        args.output,
+        args.type.upper(),
+        imatrix=read_imatrix(args.imatrix) if args.imatrix else None,
+        pure=args.pure,
+        output_type=tensor_type(args.output_tensor_type, "--output-tensor-type"),
+        token_embd_type=tensor_type(args.token_embedding_type, "--token-embedding-type"),
+        threads=args.threads,
+    )
+    mib = 1024 * 1024
+    print(f"model size  = {report.size_in / mib:8.2f} MiB", file=sys.stderr)
+    print(f"quant size  = {report.size_out / mib:8.2f} MiB ({report.seconds:.1f} s)", file=sys.stderr)
+    return 0
+
+
+def cmd_imatrix(args: argparse.Namespace) -> int:
+    from gguflm.quantize.imatrix import collect, write_dat_imatrix, write_gguf_imatrix
+
+    model = load_model(args)
+    tok = model.tokenizer
+    tokens = tok.encode(read_text(args), add_special=True, parse_special=False)
+    n_ctx = args.ctx_size or 512
+    bos = tok.bos_id if tok.add_bos else None
+    collector, n_chunks, ppl = collect(model, tokens, n_ctx, bos, args.chunks)
+    fmt = args.output_format or ("gguf" if args.output.endswith(".gguf") else "dat")
+    if fmt == "gguf":
+        write_gguf_imatrix(args.output, collector, [args.file], n_chunks, n_ctx)
+    else:
+        write_dat_imatrix(args.output, collector, args.file, n_chunks, n_ctx)
+    print(f"imatrix: {len(collector.sums)} entries over {n_chunks} chunks of {n_ctx} -> {args.output}")
+    print(f"Final estimate: PPL = {ppl:.4f}")
+    return 0
+
+
 # ---- argument parsing -----------------------------------------------------------------------
 
 
@@ -492,6 +539,27 @@ def build_parser() -> argparse.ArgumentParser:
     from gguflm.train_cli import add_train_parser
 
     add_train_parser(sub, common)
+
+    p = sub.add_parser("quantize", parents=[common], help="quantize a GGUF file (llama-quantize)")
+    p.add_argument("input", help="GGUF file (F32/F16/BF16, or quantized: requantized with a warning)")
+    p.add_argument("output")
+    p.add_argument(
+        "type", help="Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K_S/M/L Q4_K_S/M Q5_K_S/M Q6_K F16 BF16 F32"
+    )
+    p.add_argument("--imatrix", help="importance matrix from `gguflm imatrix` or llama-imatrix (.gguf/.dat)")
+    p.add_argument("--pure", action="store_true", help="every tensor in the type's default, no mix")
+    p.add_argument("--output-tensor-type", help="type of output.weight")
+    p.add_argument("--token-embedding-type", help="type of token_embd.weight")
+    p.add_argument("-t", "--threads", type=int, default=None, help="quantizing threads (default: all cores)")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("imatrix", parents=[common], help="importance matrix of a text (llama-imatrix)")
+    add_model_args(p)
+    p.add_argument("-f", "--file", required=True)
+    p.add_argument("-o", "--output", default="imatrix.gguf")
+    p.add_argument("--output-format", choices=["gguf", "dat"], help="default: gguf for *.gguf, else dat")
+    p.add_argument("--chunks", type=int, default=-1, help="at most this many chunks (-1: all)")
+    p.set_defaults(func=cmd_imatrix, prompt=None)
 
     p = sub.add_parser("inspect", parents=[common], help="metadata and tensor table of a GGUF file")
     p.add_argument("model_path", nargs="?")

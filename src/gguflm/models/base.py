@@ -42,13 +42,18 @@ class Linear:
     (K-quant mixes: attn_v Q8_0 beside attn_q Q5_0) gets its own, and the outputs are concatenated.
     """
 
-    def __init__(self, runs: list[QuantizedLinear]) -> None:
+    def __init__(self, runs: list[QuantizedLinear], names: tuple[str, ...] = ()) -> None:
         self.runs = runs
         self.out_features = sum(r.out_features for r in runs)
         self.in_features = runs[0].in_features
+        self.names = names  # the GGUF tensors stacked here: ("blk.0.attn_q.weight", ...)
+        # sees (names, x) before each product: llama-imatrix's callback on a matmul (gguflm imatrix)
+        self.input_observer: Callable[[tuple[str, ...], torch.Tensor], None] | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """(T, in) float -> (T, out): the kernel's dtype for one run, float32 for several."""
+        if self.input_observer is not None:
+            self.input_observer(self.names, x)
         if len(self.runs) == 1:
             run = self.runs[0]
             return run.mm(x.to(run.input_dtype(x.shape[0])))
@@ -126,7 +131,7 @@ class Weights:
             if b is not None:
                 run_bias.append(b)
         close_run()
-        return Linear(runs)
+        return Linear(runs, tuple(f"{name}.weight" for name, _ in parts))
 
     def matrix(self, name: str, n_out: int, n_in: int) -> QuantizedLinear:
         """One unfused matrix kept as QuantizedLinear: embeddings (rows()) and the output head."""

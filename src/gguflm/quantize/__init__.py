@@ -1,0 +1,1 @@
+"""`gguflm quantize` and `gguflm imatrix`: llama-quantize and llama-imatrix, in torch."""
