@@ -115,7 +115,9 @@ async def one_stream(
 
 
 async def load(url: str, n_clients: int, n_requests: int, max_tokens: int) -> tuple[float, list]:
-    limits = httpx.Limits(max_connections=n_clients + 4)
+    # a fresh connection per request, for both servers: llama-server may close a kept-alive connection
+    # just as the next request goes out on it ("Server disconnected without sending a response")
+    limits = httpx.Limits(max_connections=n_clients + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         await one_stream(client, "warm up", 4)
 
