@@ -80,13 +80,13 @@ def chunks(model: Path, n_chunks: int, n_ctx: int) -> list[list[int]]:
     return out
 
 
-def gguflm_ppl(model: Path, token_chunks: list[list[int]], n_ctx: int) -> float:
+def gguflm_ppl(model: Path, token_chunks: list[list[int]], n_ctx: int, n_ubatch: int) -> float:
     from gguflm.context import Context
     from gguflm.model import Model
     from gguflm.perplexity import chunk_logits
 
     m = Model.load(model)
-    ctx = Context(m, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx)
+    ctx = Context(m, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ubatch)
     nll, count, first = 0.0, 0, n_ctx // 2
     for chunk in token_chunks:
         import torch
@@ -118,6 +118,13 @@ def main() -> int:
     ap.add_argument("--types", default=TYPES)
     ap.add_argument("--imatrix-types", default="")
     ap.add_argument("--workdir", default="/tmp/gguflm-quantize-table")
+    ap.add_argument(
+        "--ubatch",
+        type=int,
+        default=512,
+        help="gguflm's micro-batch: 512 runs the prefill path (weights dequantized); 64 or fewer rows run the"
+        " native kernels, which round activations to 8 bits inside each product as llama.cpp does",
+    )
     a = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from gguflm.paths import default_model_path
@@ -146,7 +153,8 @@ def main() -> int:
             )
         jobs += [(t, imatrix) for t in a.imatrix_types.split(",") if t]
     print(
-        f"SmolLM2-135M-Instruct (F32 dequantized from the shipped Q4_1), GPL-3 -c {n_ctx}, first {len(token_chunks)} chunks\n"
+        f"SmolLM2-135M-Instruct (F32 dequantized from the shipped Q4_1), GPL-3 -c {n_ctx}, first {len(token_chunks)} chunks,"
+        f" gguflm micro-batches of {a.ubatch}\n"
     )
     print("| type | imatrix | size MiB | quantize s | PPL gguflm | PPL llama.cpp | gguflm / llama.cpp |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
@@ -157,7 +165,7 @@ def main() -> int:
             t0 = time.perf_counter()
             gguflm("quantize", str(f32), str(out), type_name, *(["--imatrix", str(im)] if im else []))
             seconds = time.perf_counter() - t0
-        ours = gguflm_ppl(out, token_chunks, n_ctx)
+        ours = gguflm_ppl(out, token_chunks, n_ctx, a.ubatch)
         theirs = llama_ppl(out, tokens_file, n_ctx)
         ratio = f"{ours / theirs:.4f}" if theirs else "-"
         print(
