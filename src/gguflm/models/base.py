@@ -509,19 +509,9 @@ class Transformer:
         dtype = q_g.dtype
         # (B, n_head, R, hd) queries, (B, n_head_kv, C, hd) keys and values
         q_g = q_g.view(n_head, n_sets, n_rows, hd).transpose(0, 1)
-        k_g = (
-            ub.kv.k[il]
-            .index_select(0, g_cells)
-            .to(dtype)
-            .view(n_sets, n_cells, n_head_kv, hd)
-            .transpose(1, 2)
-        )
-        v_g = (
-            ub.kv.v[il]
-            .index_select(0, g_cells)
-            .to(dtype)
-            .view(n_sets, n_cells, n_head_kv, hd)
-            .transpose(1, 2)
+        k_g, v_g = (
+            cache[il].index_select(0, g_cells).to(dtype).view(n_sets, n_cells, n_head_kv, hd).transpose(1, 2)
+            for cache in (ub.kv.k, ub.kv.v)
         )
         o = attend(q_g, k_g, v_g, g.masks[at.window], self.args.attn_scale, self.args.attn_softcap)
         return o.transpose(0, 1).reshape(n_head, n_sets * n_rows, hd).to(q.dtype)
