@@ -282,3 +282,43 @@ def test_inspect_system_names_the_paths(
     assert code == 0 and "native kernels: none" in out
     code, _, err = run_cli(capsys, "inspect")
     assert code == 1 and "give a GGUF file" in err
+
+
+def test_perplexity_chunks_scores_only_the_first_n(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """--chunks 2 gives the perplexity of the first two chunks of five, recomputed here."""
+    import torch
+
+    from gguflm.batch import Batch
+    from gguflm.context import Context
+    from gguflm.paths import default_model_path
+
+    text = tmp_path / "gpl3-head.txt"
+    text.write_text(GPL3.read_text()[:3000])  # about 5 chunks of 128 tokens
+    code, out, _ = run_cli(capsys, "perplexity", "-f", str(text), "-c", "128", "--chunks", "2")
+    assert code == 0 and out.count("[") == 2
+    ppl = float(out.strip().splitlines()[-1].split()[4])
+
+    model = Model.load(default_model_path())
+    tokens = model.tokenizer.encode(text.read_text(), add_special=True, parse_special=False)
+    assert len(tokens) // 128 > 2  # the limit, not the text, stops it
+    ctx = Context(model, n_ctx=128, n_batch=128)
+    nll = []
+    for i in range(2):
+        chunk = tokens[i * 128 : (i + 1) * 128]
+        if model.tokenizer.add_bos:
+            chunk[0] = model.tokenizer.bos_id  # llama-perplexity: every chunk starts with BOS
+        ctx.kv.clear()
+        # logits rows of positions 64..126 only (llama-perplexity's rows; the kernels' sums depend on
+        # the row count, so all 128 rows give a perplexity about 1% off)
+        ctx.decode(Batch.from_tokens(chunk, output=[64 <= p < 127 for p in range(128)]))
+        logits = ctx.all_logits().double()  # (63, n_vocab)
+        targets = torch.tensor(tokens[i * 128 + 65 : (i + 1) * 128])  # the second half, as scored
+        nll.append(torch.nn.functional.cross_entropy(logits, targets, reduction="none"))
+    assert abs(ppl / float(torch.cat(nll).mean().exp()) - 1) < 1e-4
+
+
+def test_perplexity_zero_chunks_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(capsys, "perplexity", "-f", str(GPL3), "--chunks", "0")
+    assert code == 1 and err.startswith("error: ") and "--chunks" in err and "Traceback" not in err

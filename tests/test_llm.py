@@ -388,3 +388,21 @@ def test_chat_logprobs_have_openai_shape(llm: LLM, monkeypatch: pytest.MonkeyPat
     streamed = list(llm.chat(USER, max_tokens=5, logprobs=True, top_logprobs=2, stream=True, **GREEDY))
     entries = [e for c in streamed[1:-1] for e in c["choices"][0]["logprobs"]["content"]]
     assert [e["token"] for e in entries] == [e["token"] for e in lp["content"]]
+
+
+def test_exit_layer_gives_the_early_exit_logits(smollm2: Model, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LLM(exit_layer=L) samples from Context(exit_layer=L)'s logits, not the full model's."""
+    from gguflm.batch import Batch
+    from gguflm.context import Context
+
+    layer = smollm2.args.n_layer // 2
+    early = LLM(model=smollm2, n_ctx=128, exit_layer=layer)
+    seen = recorded_logits(early, monkeypatch)
+    early.complete(PROMPT, max_tokens=1, **GREEDY)
+    prompt = early.tokenize(PROMPT)
+    for exit_layer in (layer, None):
+        ctx = Context(smollm2, n_ctx=128, n_batch=512, n_ubatch=512, exit_layer=exit_layer)
+        assert ctx.decode(Batch.from_tokens(prompt)) == 0
+        assert torch.equal(seen[0], ctx.logits(-1)) == (exit_layer == layer)
+    with pytest.raises(ValueError, match="exit layer"):
+        LLM(model=smollm2, n_ctx=128, exit_layer=smollm2.args.n_layer + 1)

@@ -153,6 +153,8 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     from gguflm.context import Context
     from gguflm.perplexity import perplexity
 
+    if args.chunks == 0:
+        raise UsageError("--chunks 0 scores nothing; give a positive number of chunks, or -1 for all")
     model = load_model(args)
     tok = model.tokenizer
     tokens = tok.encode(read_text(args), add_special=True, parse_special=False)
@@ -169,7 +171,8 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     kl = KLDivergence(args.kl_divergence, model, args, tokens, n_ctx) if args.kl_divergence else None
     result = None
     t0 = time.perf_counter()
-    for result in perplexity(ctx, tokens, n_ctx, bos, on_logits=kl.add if kl else None):
+    scored = perplexity(ctx, tokens, n_ctx, bos, on_logits=kl.add if kl else None, max_chunks=args.chunks)
+    for result in scored:
         done = result.index + 1
         eta = (time.perf_counter() - t0) / done * (result.n_chunks - done)
         print(
@@ -490,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=MODES,
         help="also compare next-token distributions with another mode (default: reference)",
     )
+    p.add_argument("--chunks", type=int, default=-1, help="score at most N chunks (default: -1 = all)")
     add_exit_layer_arg(p)
     p.set_defaults(func=cmd_perplexity, prompt=None)
 

@@ -59,6 +59,7 @@ def cmd_lens(args: argparse.Namespace) -> int:
             "layer (0: embeddings)",
             f"logit lens over {stats[0].n_positions} positions, {model.path.name}",
             right={"top-1 = final layer's (fraction)": [s.top1_agreement for s in stats]},
+            yscale="symlog",  # the embeddings' KL (~100) would squash the other layers' on a linear axis
         )
     if args.json:
         print(json.dumps({"model": model.path.name, "layers": [vars(s) for s in stats]}))

@@ -91,7 +91,8 @@ class LLM:
     `model=` instead to share one Model between several LLMs. `n_ctx` 0 means the model's training
     context. `chat_template` is a built-in name, a file or Jinja source (None: the GGUF's own
     template, chatml when it has none). `seed` is used by calls that give none (0xFFFFFFFF or -1: a
-    fresh random seed per call).
+    fresh random seed per call). `exit_layer` L runs only the first L layers, then the final norm and
+    the head (Context's early exit: the logit lens at layer L).
     """
 
     def __init__(
@@ -107,6 +108,7 @@ class LLM:
         seed: int = DEFAULT_SEED,
         penalty_last_n: int = 64,
         model: Model | None = None,
+        exit_layer: int | None = None,
     ) -> None:
         if model is not None and path is not None:
             raise ValueError("give either path or model, not both")
@@ -120,7 +122,9 @@ class LLM:
         self.model = model
         self.tokenizer = model.tokenizer
         self.n_ctx = n_ctx or model.args.n_ctx_train
-        self.ctx = Context(model, n_ctx=self.n_ctx, n_batch=n_batch, n_ubatch=min(n_ubatch, n_batch))
+        self.ctx = Context(
+            model, n_ctx=self.n_ctx, n_batch=n_batch, n_ubatch=min(n_ubatch, n_batch), exit_layer=exit_layer
+        )
         self.seed = seed
         self.penalty_last_n = penalty_last_n
         self._template_override = chat_template

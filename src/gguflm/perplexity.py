@@ -4,6 +4,7 @@ chunk when the model adds one, each chunk scored on its second half.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -63,15 +64,22 @@ def perplexity(
     n_ctx: int,
     bos: int | None,
     on_logits: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    max_chunks: int = -1,
 ) -> Iterator[ChunkResult]:
-    """Yield the running result after each chunk. on_logits(chunk, scored logits, targets) sees each chunk."""
+    """Yield the running result after each chunk. on_logits(chunk, scored logits, targets) sees each chunk.
+
+    max_chunks: score at most that many chunks (llama-perplexity's --chunks; negative: all of them)."""
     n_chunks = len(tokens) // n_ctx
     if n_chunks == 0:
         raise ValueError(f"need at least {n_ctx} tokens for one chunk of n_ctx = {n_ctx}, got {len(tokens)}")
+    if max_chunks == 0:
+        raise ValueError("--chunks 0 scores nothing; give a positive number of chunks, or -1 for all")
+    if max_chunks > 0:
+        n_chunks = min(n_chunks, max_chunks)
     first = n_ctx // 2
     nll = nll2 = 0.0
     count = 0
-    for i, chunk in enumerate(chunks(tokens, n_ctx, bos)):
+    for i, chunk in enumerate(itertools.islice(chunks(tokens, n_ctx, bos), n_chunks)):
         logits = chunk_logits(ctx, chunk, first)  # (n_ctx - 1 - first, n_vocab)
         targets = torch.tensor(tokens[i * n_ctx + first + 1 : (i + 1) * n_ctx])
         logprobs = torch.log_softmax(logits.double(), dim=-1).gather(1, targets[:, None])[:, 0]

@@ -55,9 +55,12 @@ def lines(
     xlabel: str,
     title: str,
     right: dict[str, Sequence[float]] | None = None,
+    yscale: str = "linear",
 ) -> None:
-    """Line plot of series over x; `right` series share a second y axis."""
+    """Line plot of series over x; `right` series share a second y axis. yscale for the left axis
+    ("symlog": logarithmic above 0.1 and linear down to 0, for series that reach 0)."""
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    ax.set_yscale(yscale, **({"linthresh": 0.1} if yscale == "symlog" else {}))
     for name, ys in series.items():
         ax.plot(x, ys, marker="o", markersize=3, label=name)
     ax.set_xlabel(xlabel)
