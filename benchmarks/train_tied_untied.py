@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
+from gguflm.plots import loss_curves, smoothed
 from gguflm.train.config import TrainConfig
 from gguflm.train.loop import History
-from gguflm.train.plot import plot_losses, smoothed
 from gguflm.train.run import train
 
 LICENSES = sorted(
@@ -89,7 +89,7 @@ def main() -> None:
             saved = json.loads((a.out / f"{label}.json").read_text())
             entropy = saved.pop("unigram_entropy")
             histories[label] = History(**saved)
-    png = plot_losses(histories, a.out / "tied_untied.png", entropy, title=f"tied vs untied, lr {a.lr}")
+    png = loss_curves(a.out / "tied_untied.png", histories, entropy, title=f"tied vs untied, lr {a.lr}")
     print(png)
 
 

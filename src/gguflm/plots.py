@@ -1,10 +1,11 @@
-"""PNG figures of the inspection tools (lens, vocab, early exit): matplotlib on its Agg backend, so
-they are written without a display. Imported only by the commands that draw."""
+"""PNG figures of the tools (lens, vocab, early exit, training's loss curves): matplotlib on its Agg
+backend, so they are written without a display. Imported only by the commands that draw."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import matplotlib
 
@@ -85,3 +86,46 @@ def histogram(path: str | Path, values: np.ndarray, xlabel: str, title: str, bin
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=9)
     _save(fig, path)
+
+
+class LossHistory(Protocol):
+    """What a loss curve needs of a run (gguflm.train.loop.History)."""
+
+    train: list[float]  # loss of each step
+    val: list[tuple[int, float]]  # (step, validation loss)
+
+
+def smoothed(values: Sequence[float], weight: float = 0.95) -> list[float]:
+    """Exponential moving average, bias-corrected (the first points are not pulled towards 0)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight ** (i + 1)))
+    return out
+
+
+def loss_curves(
+    path: str | Path,
+    runs: dict[str, LossHistory],
+    unigram_entropy: float | None = None,
+    title: str = "",
+) -> Path:
+    """Training loss (raw and smoothed) and validation loss per step, one colour per run label."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, (label, h) in enumerate(runs.items()):
+        color, name = f"C{i}", f"{label} " if label else ""
+        steps = range(1, len(h.train) + 1)
+        ax.plot(steps, h.train, color=color, alpha=0.25, linewidth=0.8)
+        ax.plot(steps, smoothed(h.train), color=color, label=f"{name}train (smoothed)")
+        if h.val:
+            vs, vl = zip(*h.val, strict=True)
+            ax.plot(vs, vl, "o--", color=color, markersize=3, label=f"{name}validation")
+    if unigram_entropy is not None:
+        ax.axhline(unigram_entropy, color="gray", linestyle=":", label="unigram entropy")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+    return Path(path)

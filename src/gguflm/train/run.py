@@ -124,7 +124,7 @@ def train(
     if finished:
         gguf_path = export_gguf(out, a, trainer.model.named_gguf_parameters(), trainer.tokenizer, outtype)
         if plot:
-            from gguflm.train.plot import plot_losses
+            from gguflm.plots import loss_curves
 
-            png = plot_losses(trainer.history, out.with_suffix(".png"), entropy, title=out.name)
+            png = loss_curves(out.with_suffix(".png"), {"": trainer.history}, entropy, title=out.name)
     return TrainResult(trainer, finished, ckpt_path, gguf_path, png, entropy)
