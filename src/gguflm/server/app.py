@@ -171,6 +171,33 @@ def _integer(body: dict[str, Any], name: str, default: int | None) -> int | None
     return v
 
 
+# SamplerParams field <- request field (OpenAI's name, else llama-server's), and whether it is an integer
+_SAMPLING_FIELDS: tuple[tuple[str, str, bool], ...] = (
+    ("temp", "temperature", False),
+    ("dynatemp_range", "dynatemp_range", False),
+    ("dynatemp_exponent", "dynatemp_exponent", False),
+    ("top_k", "top_k", True),
+    ("top_p", "top_p", False),
+    ("min_p", "min_p", False),
+    ("typ_p", "typical_p", False),
+    ("top_n_sigma", "top_n_sigma", False),
+    ("xtc_probability", "xtc_probability", False),
+    ("xtc_threshold", "xtc_threshold", False),
+    ("min_keep", "min_keep", True),
+    ("penalty_last_n", "repeat_last_n", True),
+    ("penalty_repeat", "repeat_penalty", False),
+    ("penalty_present", "presence_penalty", False),
+    ("penalty_freq", "frequency_penalty", False),
+    ("dry_multiplier", "dry_multiplier", False),
+    ("dry_base", "dry_base", False),
+    ("dry_allowed_length", "dry_allowed_length", True),
+    ("dry_penalty_last_n", "dry_penalty_last_n", True),
+    ("mirostat", "mirostat", True),
+    ("mirostat_tau", "mirostat_tau", False),
+    ("mirostat_eta", "mirostat_eta", False),
+)
+
+
 def _ranged(body: dict[str, Any], name: str, default: int, lo: int, hi: int) -> int:
     v = _integer(body, name, default)
     assert v is not None
@@ -518,30 +545,13 @@ def build_app(engine: Engine, config: ServerConfig) -> FastAPI:
         if breakers is not None:
             extra["dry_sequence_breakers"] = tuple(breakers)
         try:
+            read = {
+                field: (_integer if is_int else _number)(body, name, getattr(d, field))
+                for field, name, is_int in _SAMPLING_FIELDS
+            }
             return SamplerParams(
                 seed=seed,
-                temp=_number(body, "temperature", d.temp),
-                dynatemp_range=_number(body, "dynatemp_range", d.dynatemp_range),
-                dynatemp_exponent=_number(body, "dynatemp_exponent", d.dynatemp_exponent),
-                top_k=_integer(body, "top_k", d.top_k),  # type: ignore[arg-type]
-                top_p=_number(body, "top_p", d.top_p),
-                min_p=_number(body, "min_p", d.min_p),
-                typ_p=_number(body, "typical_p", d.typ_p),
-                top_n_sigma=_number(body, "top_n_sigma", d.top_n_sigma),
-                xtc_probability=_number(body, "xtc_probability", d.xtc_probability),
-                xtc_threshold=_number(body, "xtc_threshold", d.xtc_threshold),
-                min_keep=_integer(body, "min_keep", d.min_keep),  # type: ignore[arg-type]
-                penalty_last_n=_integer(body, "repeat_last_n", d.penalty_last_n),  # type: ignore[arg-type]
-                penalty_repeat=_number(body, "repeat_penalty", d.penalty_repeat),
-                penalty_present=_number(body, "presence_penalty", d.penalty_present),
-                penalty_freq=_number(body, "frequency_penalty", d.penalty_freq),
-                dry_multiplier=_number(body, "dry_multiplier", d.dry_multiplier),
-                dry_base=_number(body, "dry_base", d.dry_base),
-                dry_allowed_length=_integer(body, "dry_allowed_length", d.dry_allowed_length),  # type: ignore[arg-type]
-                dry_penalty_last_n=_integer(body, "dry_penalty_last_n", d.dry_penalty_last_n),  # type: ignore[arg-type]
-                mirostat=_integer(body, "mirostat", d.mirostat),  # type: ignore[arg-type]
-                mirostat_tau=_number(body, "mirostat_tau", d.mirostat_tau),
-                mirostat_eta=_number(body, "mirostat_eta", d.mirostat_eta),
+                **read,
                 logit_bias=_logit_bias(body),
                 **extra,
             )
