@@ -106,17 +106,58 @@ def _check(
 CASES = [(qt, k) for qt in LEGACY for k in (256, 640, 2048)] + [
     (qt, k) for qt in K_QUANTS for k in (256, 2048)
 ]
+# the file's layout for every format; the row-interleaved copy (repack) for kernels.REPACKED
+LAYOUTS = [(qt, k, "file") for qt, k in CASES] + [
+    (qt, k, "packed") for qt, k in CASES if qt in kernels.REPACKED
+]
+LAYOUT_IDS = [f"{qt.name}-K{k}-{layout}" for qt, k, layout in LAYOUTS]
+
+
+def _product(
+    mod, layout: str, x: torch.Tensor, raw: torch.Tensor, qtype: QT, n: int, levels: int = 1
+) -> torch.Tensor:
+    """x @ W^T through the kernel of `layout`: qmatmul on the file's bytes, or qmatmul_packed on repack's copy."""
+    if layout == "packed":
+        return mod.qmatmul_packed(x, mod.repack(raw, int(qtype), n), int(qtype), n, levels)
+    return mod.qmatmul(x, raw, int(qtype), n, levels)
 
 
 @pytest.mark.parametrize("path", _paths())
 @pytest.mark.parametrize("m", [1, 3, 16])
-@pytest.mark.parametrize(("qtype", "k"), CASES, ids=[f"{qt.name}-K{k}" for qt, k in CASES])
-def test_matmul_matches_dequantized_reference(path: str, m: int, qtype: QT, k: int) -> None:
+@pytest.mark.parametrize(("qtype", "k", "layout"), LAYOUTS, ids=LAYOUT_IDS)
+def test_matmul_matches_dequantized_reference(path: str, m: int, qtype: QT, k: int, layout: str) -> None:
     mod = _module(path)
     n = 93  # weight rows go 8 at a time: the last group is partly filled
     raw = _weights(qtype, n, k, seed=k + int(qtype))
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m * 1000 + k))
-    _check(mod.qmatmul(x, raw, int(qtype), n), x, raw, qtype, n)
+    _check(_product(mod, layout, x, raw, qtype, n), x, raw, qtype, n)
+
+
+@pytest.mark.parametrize("path", _paths())
+@pytest.mark.parametrize("qtype", sorted(kernels.REPACKED), ids=lambda t: t.name)
+def test_repack_moves_bytes_and_unpack_gives_them_back(path: str, qtype: QT) -> None:
+    """Any bytes (random codes, scales and 5th bits) survive repack + unpack exactly, whole or any row
+    range; the packed copy is the file's size rounded up to 8 rows; rows past n_out do not leak out."""
+    mod = _module(path)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    n, k = 29, 4 * block
+    raw = torch.from_numpy(
+        np.random.default_rng(int(qtype)).integers(0, 256, n * k // block * size, dtype=np.uint8)
+    )
+    packed = mod.repack(raw, int(qtype), n)
+    assert packed.numel() == 32 * (k // block) * size  # 29 rows -> 4 groups of 8
+    assert torch.equal(mod.unpack(packed, int(qtype), n, 0, n), raw)
+    rows = raw.view(n, -1)
+    for r0, r1 in ((0, 1), (3, 17), (8, 16), (28, 29), (5, 5)):
+        assert torch.equal(mod.unpack(packed, int(qtype), n, r0, r1), rows[r0:r1].reshape(-1)), (r0, r1)
+    with pytest.raises(RuntimeError, match="outside"):
+        mod.unpack(packed, int(qtype), n, 0, n + 1)
+    with pytest.raises(RuntimeError, match="whole"):
+        mod.repack(raw[:-1], int(qtype), n)
+    with pytest.raises(RuntimeError, match="needs"):
+        mod.qmatmul_packed(torch.randn(1, k), packed[:-1], int(qtype), n)
+    with pytest.raises(RuntimeError, match="no row-interleaved layout"):
+        mod.repack(raw, int(QT.Q4_K), n)
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +184,8 @@ def test_matmul_on_real_gemma3_tensors(gemma3: GGUFFile, path: str, name: str) -
     n, k = t.shape
     x = torch.randn(16, k, generator=torch.Generator().manual_seed(7))
     _check(mod.qmatmul(x, t.data, int(t.qtype), n), x, t.data, t.qtype, n)
+    if t.qtype in kernels.REPACKED:
+        _check(_product(mod, "packed", x, t.data, t.qtype, n), x, t.data, t.qtype, n)
 
 
 @pytest.mark.parametrize("path", _paths())
@@ -255,19 +298,24 @@ def test_f16_scales_zero_subnormal_negative_large(path: str) -> None:
     assert (w[1].abs().max() > 0) and (w[1].abs().max() < 1e-4)  # row 1 really has subnormal scales
 
 
+INVARIANCE = [(qt, "file") for qt in sorted(kernels.SUPPORTED)] + [
+    (qt, "packed") for qt in sorted(kernels.REPACKED)
+]
+
+
 @pytest.mark.parametrize("path", _paths())
-@pytest.mark.parametrize("qtype", sorted(kernels.SUPPORTED), ids=lambda t: t.name)
-def test_a_rows_result_does_not_depend_on_what_shares_the_call(path: str, qtype: QT) -> None:
+@pytest.mark.parametrize(("qtype", "layout"), INVARIANCE, ids=[f"{qt.name}-{lay}" for qt, lay in INVARIANCE])
+def test_a_rows_result_does_not_depend_on_what_shares_the_call(path: str, qtype: QT, layout: str) -> None:
     """Bit-identical rows whatever the batch (1..16 rows, any tile split): sequences decoded in parallel
     must get the logits they get alone."""
     mod = _module(path)
     k, n = 512, 83
     raw = _weights(qtype, n, k, seed=5)
     x = torch.randn(16, k, generator=torch.Generator().manual_seed(7))
-    full = mod.qmatmul(x, raw, int(qtype), n)
+    full = _product(mod, layout, x, raw, qtype, n)
     for rows in (1, 2, 3, 5, 8, 11):
         for start in range(0, 16 - rows + 1, 3):
-            part = mod.qmatmul(x[start : start + rows].contiguous(), raw, int(qtype), n)
+            part = _product(mod, layout, x[start : start + rows].contiguous(), raw, qtype, n)
             assert torch.equal(part, full[start : start + rows]), (rows, start)
 
 
@@ -430,20 +478,20 @@ def test_gated_activation_matches_float64(path: str, gelu: bool) -> None:
 
 
 @pytest.mark.parametrize("path", _paths())
-@pytest.mark.parametrize(("qtype", "k"), CASES, ids=[f"{qt.name}-K{k}" for qt, k in CASES])
-def test_two_level_activations_meet_the_finer_bound(path: str, qtype: QT, k: int) -> None:
+@pytest.mark.parametrize(("qtype", "k", "layout"), LAYOUTS, ids=LAYOUT_IDS)
+def test_two_level_activations_meet_the_finer_bound(path: str, qtype: QT, k: int, layout: str) -> None:
     """GGUFLM_ACTIVATIONS=q8x2: within max|x_b| / 254^2 per element (plus fp32 rounding), and each row's
     result still independent of the rows sharing the call."""
     mod = _module(path)
     n = 48
     raw = _weights(qtype, n, k, seed=9)
     x = torch.randn(5, k, generator=torch.Generator().manual_seed(10))
-    y = mod.qmatmul(x, raw, int(qtype), n, 2)
+    y = _product(mod, layout, x, raw, qtype, n, 2)
     _, rel_mean = _check(y, x, raw, qtype, n, levels=2)
     assert rel_mean < 2e-4, rel_mean  # against ~0.6% with one level
     for row in range(5):
         assert torch.equal(
-            mod.qmatmul(x[row : row + 1].contiguous(), raw, int(qtype), n, 2), y[row : row + 1]
+            _product(mod, layout, x[row : row + 1].contiguous(), raw, qtype, n, 2), y[row : row + 1]
         )
     with pytest.raises(RuntimeError, match="levels must be 1 or 2"):
         mod.qmatmul(x, raw, int(qtype), n, 3)

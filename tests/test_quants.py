@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from gguflm import kernels
+from gguflm import kernels, quants
 from gguflm.cpu import has_fast_bf16
 from gguflm.quants import SUPPORTED_TYPES, QuantizedLinear, dequantize
 
@@ -293,6 +293,27 @@ def test_concat_equals_separate_matmuls(qtype: QT, mode: str) -> None:
     ids = torch.tensor([0, 47, 48, 63, 64, 87, 3])
     w = torch.cat([dequantize(d, qtype, (n, k)) for d, n in zip(datas, outs, strict=True)])
     assert torch.equal(fused.rows(ids), w[ids])
+
+
+@pytest.mark.parametrize("qtype", sorted(kernels.REPACKED), ids=lambda t: t.name)
+def test_repacked_weights_give_prefill_the_files_exact_values(
+    qtype: QT, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the native kernels the fast mode keeps 8-row-interleaved copies of the 32-element formats;
+    prefill's dequantized chunks (more rows than the kernels take) come out of that copy, and must be
+    exactly the file's values, part boundaries and a partial last group of rows included."""
+    if kernels.native() is None:
+        pytest.fail(f"the native kernels did not build: {kernels.native_error}")
+    outs, k = [40, 13, 700], 64  # 753 rows: parts not multiples of 8
+    monkeypatch.setattr(quants, "_CHUNK_ELEMENTS", 100 * k)  # chunks of 100 rows: not multiples of 8 either
+    datas = [weight(qtype, (n, k), 30 + i) for i, n in enumerate(outs)]
+    fused = QuantizedLinear.concat([(d, qtype, (n, k)) for d, n in zip(datas, outs, strict=True)])
+    assert fused.kernel == "native" and fused._unpack is not None
+    w = torch.cat([dequantize(d, qtype, (n, k)) for d, n in zip(datas, outs, strict=True)])
+    chunks = list(fused._chunks())
+    assert len(chunks) == 8 and torch.equal(torch.cat(chunks), w)
+    x = torch.randn(fused.packed_max_rows + 1, k)
+    assert rel_err(fused(x), x @ w.T) < FAST_REL_ERR
 
 
 def test_concat_rejects_mixed_weights() -> None:

@@ -533,6 +533,9 @@ class QuantizedLinear(torch.nn.Module):
             bias = bias.to(self.device, torch.float32)
         self.bias = bias
         self._int4: _Int4Weight | None = None
+        self._unpack: Callable[..., torch.Tensor] | None = (
+            None  # the native kernels' repacked layout -> file bytes
+        )
         self.packed_max_rows = 0  # rows up to which the native or int4 kernel runs (then dequantized chunks)
         self._prefill_dtype = prefill_dtype()  # of those dequantized chunks: decided once, by the CPU
         self._weight: torch.Tensor | None = None  # (out, in) bf16 or fp32 for the "bf16"/"f32" kernels
@@ -551,6 +554,7 @@ class QuantizedLinear(torch.nn.Module):
                 raise ValueError(f"no native kernel for {self.qtype.name} on {self.device} here")
             self._qmatmul = native.qmatmul
             self._levels = activation_levels()  # 8-bit codes per activation: 1 (llama.cpp's) or 2
+            file_parts = self._parts
             if len(self._parts) > 1:  # parts stacked in one buffer: one call, activations quantized once
                 self._raw = torch.cat([raw for raw, _ in self._parts])
                 # the parts become views of it: the file's pages are not read again (prefill's chunks)
@@ -561,6 +565,12 @@ class QuantizedLinear(torch.nn.Module):
                 ]
             else:
                 self._raw = self._parts[0][0]
+            if self.qtype in kernels.REPACKED:  # 8 rows' blocks side by side: 2-3x faster products
+                self._raw = native.repack(self._raw, int(self.qtype), self.out_features)
+                self._qmatmul = native.qmatmul_packed
+                self._unpack = native.unpack
+                # rows() reads single rows from the file; prefill's chunks come from the packed copy
+                self._parts = file_parts
             self.packed_max_rows = NATIVE_MAX_ROWS
         elif self.kernel in ("bf16", "f32"):
             self._weight = self._dense(torch.bfloat16 if self.kernel == "bf16" else torch.float32)
@@ -620,6 +630,13 @@ class QuantizedLinear(torch.nn.Module):
     def _chunks(self) -> Iterator[torch.Tensor]:
         """Consecutive row chunks of W, fp32 (n, in), dequantized exactly; one chunk alive at a time."""
         step = max(16, _CHUNK_ELEMENTS // self.in_features)
+        if self._unpack is not None:  # the file's bytes of each chunk, out of the repacked copy
+            n = self.out_features
+            for r0 in range(0, n, step):
+                r1 = min(n, r0 + step)
+                raw = self._unpack(self._raw, int(self.qtype), n, r0, r1)
+                yield dequantize(raw, self.qtype, (r1 - r0, self.in_features))
+            return
         for raw, n in self._parts:
             rows = raw.view(n, self._row_bytes)
             for r0 in range(0, n, step):

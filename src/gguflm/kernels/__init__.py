@@ -38,6 +38,8 @@ from gguflm.cpu import kernel_choice
 QT = gguf.GGMLQuantizationType
 
 SUPPORTED: frozenset[QT] = frozenset({QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K})
+# formats with a row-interleaved layout (repack / qmatmul_packed): 8 rows' blocks side by side
+REPACKED: frozenset[QT] = frozenset({QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0})
 VARIANTS: dict[str, list[str]] = {  # GGUFLM_KERNELS value -> -march flags
     "auto": ["-march=native"],
     "avx2": ["-march=haswell"],  # AVX2 + FMA + F16C, no AVX512
@@ -88,7 +90,9 @@ def _build_key(flags: list[str]) -> str:
 
 
 class NativeKernels:
-    """One build's operators (registered as torch.ops.<ns>): `qmatmul(x, raw, qtype, n_out, levels=1)`, the decode
+    """One build's operators (registered as torch.ops.<ns>): `qmatmul(x, raw, qtype, n_out, levels=1)`; for the
+    REPACKED formats `repack(raw, qtype, n_out)`, its inverse `unpack(packed, qtype, n_out, r0, r1)` and
+    `qmatmul_packed(x, packed, qtype, n_out, levels=1)`; the decode
     attention pair `rope_store` and `attend_cells` (attention.cpp), `rms_norm` and `gated` (rowwise.cpp), and `isa()`."""
 
     def __init__(self, namespace: str, library: str) -> None:
@@ -96,6 +100,9 @@ class NativeKernels:
         self.library = library  # path of the shared object
         ops = getattr(torch.ops, namespace)
         self.qmatmul = ops.qmatmul
+        self.repack = ops.repack
+        self.unpack = ops.unpack
+        self.qmatmul_packed = ops.qmatmul_packed
         self.rope_store = ops.rope_store
         self.attend_cells = ops.attend_cells
         self.rms_norm = ops.rms_norm

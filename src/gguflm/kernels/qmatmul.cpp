@@ -69,6 +69,7 @@ struct Q8Act {
   std::vector<int8_t> q;     // (M, K) codes in -127..127
   std::vector<float> d;      // (M, nb) scales
   std::vector<float> s;      // (M, nb) d * sum of the block's codes
+  std::vector<int32_t> si;   // (M, nb) sum of the block's codes
 };
 
 // 32 values -> codes q = round(x / d), d = max|x| / 127; returns d, sets *sum to the codes' sum
@@ -96,6 +97,7 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int levels, Q8Act& a) {
   a.q.resize(a.M * K);
   a.d.resize(a.M * a.nb);
   a.s.resize(a.M * a.nb);
+  a.si.resize(a.M * a.nb);
   float rest[32];
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t b = 0; b < a.nb; ++b) {
@@ -106,12 +108,14 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int levels, Q8Act& a) {
       const float d = quantize_block(xb, qb, &sum);
       a.d[r * a.nb + b] = d;
       a.s[r * a.nb + b] = d * (float)sum;
+      a.si[r * a.nb + b] = sum;
       if (levels == 2) {
         for (int i = 0; i < 32; ++i) rest[i] = xb[i] - d * (float)qb[i];
         int8_t* qr = a.q.data() + (r + 1) * K + b * 32;
         const float dr = quantize_block(rest, qr, &sum);
         a.d[(r + 1) * a.nb + b] = dr;
         a.s[(r + 1) * a.nb + b] = dr * (float)sum;
+        a.si[(r + 1) * a.nb + b] = sum;
       }
     }
   }
@@ -328,6 +332,21 @@ inline __m256i dot_us(__m256i u, __m256i x) {
 #endif
 }
 
+// acc + the u8 x s8 products of u and x summed in fours (one int32 per lane)
+inline __m256i dot_acc(__m256i acc, __m256i u, __m256i x) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, u, x);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1)));
+#endif
+}
+
+// 4 bytes at p (any alignment) in every int32 lane
+inline __m256i broadcast4(const int8_t* p) {
+  typedef int32_t __attribute__((may_alias, aligned(1))) unaligned_i32;
+  return _mm256_set1_epi32(*(const unaligned_i32*)p);
+}
+
 // the chunk's scaled dot as 8 fp32 lanes still to be summed (without the cw * sx term)
 template <Kind K>
 inline __m256 chunk_dot(const Chunk& c, __m256i x) {
@@ -457,6 +476,211 @@ bool lookup(int64_t qtype, Format& f) {
   }
 }
 
+// ---- row-interleaved ("x8") layout of the 32-element formats: 8 weight rows decoded at once -------
+//
+// The layout above costs a 32-element block a dozen instructions of scalar work (two f16 scales,
+// a broadcast, a horizontal sum per row). Repacked at load, eight rows' blocks sit side by side so one
+// 256-bit vector holds four codes of each of the 8 rows (one int32 lane per row): a dot product with 4
+// broadcast activation codes then sums each row in its own lane, the 8 scales convert in one
+// instruction, and a row group's 8 outputs are one vector store. Nothing is summed across lanes.
+//
+// Group g = rows 8g..8g+7 (rows past n_out are zero: scale 0); its blocks follow each other. Block b
+// of a group, 8 x the format's block size in all:
+//   d[8]  f16                      the 8 rows' scales (lane r = row 8g + r)
+//   m[8]  f16                      (Q4_1, Q5_1) their mins
+//   qh[8] u32                      (Q5_0, Q5_1) 5th bits, rearranged: byte t, bit k   = element 4k + t,
+//                                                                     byte t, bit 4+k = element 16 + 4k + t
+//   4-bit codes: 4 vectors of 32 bytes; vector j, lane r = row r's qs[4j .. 4j+3] (low nibbles:
+//                elements 4j..4j+3, high nibbles: elements 16+4j..16+4j+3, as in the file)
+//   Q8_0 codes:  8 vectors of 32 bytes; vector j, lane r = row r's qs[4j .. 4j+3] (elements 4j..4j+3)
+// The bytes are the file's, moved: `unpack` gives them back exactly (prefill's dequantized chunks).
+
+inline uint32_t qh_to_lanes(uint32_t qh) {
+  uint32_t out = 0;
+  for (int t = 0; t < 4; ++t)
+    for (int k = 0; k < 4; ++k) {
+      out |= ((qh >> (4 * k + t)) & 1u) << (8 * t + k);
+      out |= ((qh >> (16 + 4 * k + t)) & 1u) << (8 * t + 4 + k);
+    }
+  return out;
+}
+
+inline uint32_t qh_from_lanes(uint32_t lanes) {
+  uint32_t qh = 0;
+  for (int t = 0; t < 4; ++t)
+    for (int k = 0; k < 4; ++k) {
+      qh |= ((lanes >> (8 * t + k)) & 1u) << (4 * k + t);
+      qh |= ((lanes >> (8 * t + 4 + k)) & 1u) << (16 + 4 * k + t);
+    }
+  return qh;
+}
+
+// Where the parts of one file block (format with a min? 5th bits? 8-bit codes?) go in a packed group.
+struct PackedLegacy {
+  bool min, high, q8;
+  int bytes;  // of one file block
+  constexpr int qs_in() const { return 2 + 2 * min + 4 * high; }           // codes' offset in a file block
+  constexpr int qs_bytes() const { return q8 ? 32 : 16; }
+  constexpr int off_m() const { return 16; }                                // in a packed block
+  constexpr int off_qh() const { return 16 + 16 * min; }
+  constexpr int off_qs() const { return 16 + 16 * min + 32 * high; }
+  constexpr int group_bytes() const { return 8 * bytes; }
+};
+
+bool packed_format(int64_t qtype, PackedLegacy& p) {
+  switch (qtype) {
+    case T_Q4_0: p = {false, false, false, 18}; return true;
+    case T_Q4_1: p = {true, false, false, 20}; return true;
+    case T_Q5_0: p = {false, true, false, 22}; return true;
+    case T_Q5_1: p = {true, true, false, 24}; return true;
+    case T_Q8_0: p = {false, false, true, 34}; return true;
+    default: return false;
+  }
+}
+
+// file block of row lane r -> its bytes in packed block P (src null: a padding row, all zero)
+void pack_block(const PackedLegacy& f, const uint8_t* src, int r, uint8_t* P) {
+  static const uint8_t zero[34] = {};
+  if (!src) src = zero;
+  std::memcpy(P + 2 * r, src, 2);
+  if (f.min) std::memcpy(P + f.off_m() + 2 * r, src + 2, 2);
+  if (f.high) {
+    uint32_t qh;
+    std::memcpy(&qh, src + 2 + 2 * f.min, 4);
+    qh = qh_to_lanes(qh);
+    std::memcpy(P + f.off_qh() + 4 * r, &qh, 4);
+  }
+  const uint8_t* qs = src + f.qs_in();
+  for (int j = 0; j < f.qs_bytes() / 4; ++j) std::memcpy(P + f.off_qs() + 32 * j + 4 * r, qs + 4 * j, 4);
+}
+
+void unpack_block(const PackedLegacy& f, const uint8_t* P, int r, uint8_t* dst) {
+  std::memcpy(dst, P + 2 * r, 2);
+  if (f.min) std::memcpy(dst + 2, P + f.off_m() + 2 * r, 2);
+  if (f.high) {
+    uint32_t lanes;
+    std::memcpy(&lanes, P + f.off_qh() + 4 * r, 4);
+    lanes = qh_from_lanes(lanes);
+    std::memcpy(dst + 2 + 2 * f.min, &lanes, 4);
+  }
+  uint8_t* qs = dst + f.qs_in();
+  for (int j = 0; j < f.qs_bytes() / 4; ++j) std::memcpy(qs + 4 * j, P + f.off_qs() + 32 * j + 4 * r, 4);
+}
+
+// The packed kernel for format (MIN, HIGH, Q8) and a tile of MT activation rows from m0: y[m, 8g + r] for
+// groups [g0, g1). Per block, each activation row's integer sums of the 8 weight rows build up in one
+// vector (exact, so the order of the dot products does not matter); then, in block order,
+//   acc += (d * dx) * isum     lin += m * sx       (Q4_0 / Q5_0: isum -= 8 or 16 * sum(qx) instead of lin)
+// the same operations for a row whatever MT is: a row's result never depends on what shares the call.
+template <bool MIN, bool HIGH, bool Q8, int MT>
+void packed_kernel(const uint8_t* P, int64_t nb, const Q8Act& a, int64_t m0, float* y, int64_t N, int64_t g0,
+                   int64_t g1) {
+  constexpr PackedLegacy f{MIN, HIGH, Q8, 18 + 2 * MIN + 4 * HIGH + 16 * Q8};
+  constexpr int GB = 8 * f.bytes;
+  constexpr int32_t OFFSET = MIN || Q8 ? 0 : (HIGH ? 16 : 8);
+  const int64_t K = nb * 32;
+  const int8_t* xq = a.q.data() + m0 * K;
+  const float* xd = a.d.data() + m0 * nb;
+  const float* xs = a.s.data() + m0 * nb;
+  const int32_t* xi = a.si.data() + m0 * nb;
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint8_t* pg = P + g * nb * GB;
+#if defined(__AVX2__)
+    __m256 acc[MT], lin[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = lin[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* pb = pg + b * GB;
+      const __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)pb));
+      __m256i isum[MT];
+      for (int m = 0; m < MT; ++m) isum[m] = _mm256_setzero_si256();
+      const int8_t* xb = xq + b * 32;
+      if constexpr (Q8) {
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) {
+          const __m256i v = _mm256_loadu_si256((const __m256i*)(pb + f.off_qs() + 32 * j));
+          const __m256i av = _mm256_sign_epi8(v, v);  // |w|, then x takes w's sign: u8 x s8, same products
+          for (int m = 0; m < MT; ++m)
+            isum[m] = dot_acc(isum[m], av, _mm256_sign_epi8(broadcast4(xb + m * K + 4 * j), v));
+        }
+      } else {
+        __m256i hv = _mm256_setzero_si256();
+        if constexpr (HIGH) hv = _mm256_loadu_si256((const __m256i*)(pb + f.off_qh()));
+        const __m256i low4 = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10);
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+          const __m256i v = _mm256_loadu_si256((const __m256i*)(pb + f.off_qs() + 32 * j));
+          __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+          if constexpr (HIGH) {
+            lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi32(hv, 4 - j), bit4));
+            hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_srli_epi32(hv, j), bit4));
+          }
+          for (int m = 0; m < MT; ++m) {
+            isum[m] = dot_acc(isum[m], lo, broadcast4(xb + m * K + 4 * j));
+            isum[m] = dot_acc(isum[m], hi, broadcast4(xb + m * K + 16 + 4 * j));
+          }
+        }
+      }
+      __m256 m8 = _mm256_setzero_ps();
+      if constexpr (MIN) m8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(pb + f.off_m())));
+      for (int m = 0; m < MT; ++m) {
+        if constexpr (OFFSET != 0) isum[m] = _mm256_sub_epi32(isum[m], _mm256_set1_epi32(OFFSET * xi[m * nb + b]));
+        acc[m] = _mm256_fmadd_ps(_mm256_mul_ps(d8, _mm256_set1_ps(xd[m * nb + b])), _mm256_cvtepi32_ps(isum[m]), acc[m]);
+        if constexpr (MIN) lin[m] = _mm256_fmadd_ps(m8, _mm256_set1_ps(xs[m * nb + b]), lin[m]);
+      }
+    }
+    for (int m = 0; m < MT; ++m) {
+      float out[8];
+      _mm256_storeu_ps(out, _mm256_add_ps(acc[m], lin[m]));
+      const int64_t n0 = 8 * g, n = std::min<int64_t>(8, N - n0);
+      std::memcpy(y + (m0 + m) * N + n0, out, n * sizeof(float));
+    }
+#else
+    float acc[MT][8] = {}, lin[MT][8] = {};
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* pb = pg + b * GB;
+      for (int r = 0; r < 8; ++r) {
+        uint8_t blk[34];
+        unpack_block(f, pb, r, blk);
+        const float d = f16_to_f32(blk), mn = MIN ? f16_to_f32(blk + 2) : 0.f;
+        int8_t u[32];
+        if constexpr (Q8) {
+          std::memcpy(u, blk + 2, 32);
+        } else {
+          nibbles_32(blk + f.qs_in(), u);
+          if constexpr (HIGH) add_bits_32(blk + 2 + 2 * MIN, u);
+        }
+        for (int m = 0; m < MT; ++m) {
+          int32_t isum = 0;
+          for (int i = 0; i < 32; ++i) isum += u[i] * xq[m * K + b * 32 + i];
+          isum -= OFFSET * xi[m * nb + b];
+          acc[m][r] += d * xd[m * nb + b] * (float)isum;
+          if constexpr (MIN) lin[m][r] += mn * xs[m * nb + b];
+        }
+      }
+    }
+    for (int m = 0; m < MT; ++m)
+      for (int r = 0; r < 8 && 8 * g + r < N; ++r) y[(m0 + m) * N + 8 * g + r] = acc[m][r] + lin[m][r];
+#endif
+  }
+}
+
+using PackedFn = void (*)(const uint8_t*, int64_t, const Q8Act&, int64_t, float*, int64_t, int64_t, int64_t);
+
+template <bool MIN, bool HIGH, bool Q8>
+void packed_tiles(PackedFn* t) {
+  t[0] = &packed_kernel<MIN, HIGH, Q8, 1>;
+  t[1] = &packed_kernel<MIN, HIGH, Q8, 2>;
+  t[2] = &packed_kernel<MIN, HIGH, Q8, 4>;
+  t[3] = &packed_kernel<MIN, HIGH, Q8, 8>;
+}
+
+// tiles of 1, 2, 4, 8 activation rows (4 at most without AVX512's 32 vector registers)
+#if defined(__AVX512F__) || !defined(__AVX2__)
+constexpr int MAX_TILE_LOG2 = 3;
+#else
+constexpr int MAX_TILE_LOG2 = 2;
+#endif
+
 }  // namespace
 
 // x (M, K) fp32, raw: flat uint8 GGUF bytes of W (n_out, K) -> y (M, n_out) fp32; levels: 1 or 2
@@ -509,6 +733,107 @@ at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& raw, int64_t qtype, in
   return y;
 }
 
+// raw: the GGUF bytes of W (n_out, K) in a 32-element format -> the same bytes in the x8 layout
+// (ceil(n_out / 8) groups; rows past n_out zero)
+at::Tensor repack(const at::Tensor& raw, int64_t qtype, int64_t n_out) {
+  PackedLegacy f;
+  TORCH_CHECK(packed_format(qtype, f), "repack: ggml type ", qtype, " has no row-interleaved layout");
+  TORCH_CHECK(raw.device().is_cpu() && raw.scalar_type() == at::kByte && raw.dim() == 1 && raw.is_contiguous(),
+              "repack: raw must be a flat contiguous uint8 CPU tensor");
+  TORCH_CHECK(n_out > 0 && raw.numel() % n_out == 0 && (raw.numel() / n_out) % f.bytes == 0,
+              "repack: ", raw.numel(), " bytes are not ", n_out, " rows of whole ", f.bytes, "-byte blocks");
+  const int64_t nb = raw.numel() / n_out / f.bytes, groups = (n_out + 7) / 8;
+  at::Tensor packed = at::empty({groups * nb * f.group_bytes()}, raw.options());
+  const uint8_t* src = raw.data_ptr<uint8_t>();
+  uint8_t* dst = packed.data_ptr<uint8_t>();
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t b = 0; b < nb; ++b)
+        for (int r = 0; r < 8; ++r) {
+          const int64_t row = 8 * g + r;
+          const uint8_t* blk = row < n_out ? src + (row * nb + b) * f.bytes : nullptr;
+          pack_block(f, blk, r, dst + (g * nb + b) * f.group_bytes());
+        }
+  });
+  return packed;
+}
+
+// packed (repack's layout) -> the GGUF bytes of rows [r0, r1), (r1 - r0) * row_bytes, exactly as in the file
+at::Tensor unpack(const at::Tensor& packed, int64_t qtype, int64_t n_out, int64_t r0, int64_t r1) {
+  PackedLegacy f;
+  TORCH_CHECK(packed_format(qtype, f), "unpack: ggml type ", qtype, " has no row-interleaved layout");
+  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kByte && packed.dim() == 1 &&
+                  packed.is_contiguous(), "unpack: packed must be a flat contiguous uint8 CPU tensor");
+  TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= n_out, "unpack: rows [", r0, ", ", r1, ") are outside [0, ", n_out, ")");
+  const int64_t groups = (n_out + 7) / 8;
+  TORCH_CHECK(packed.numel() % (groups * f.group_bytes()) == 0, "unpack: ", packed.numel(),
+              " bytes are not ", groups, " packed row groups");
+  const int64_t nb = packed.numel() / (groups * f.group_bytes());
+  at::Tensor raw = at::empty({(r1 - r0) * nb * f.bytes}, packed.options());
+  const uint8_t* src = packed.data_ptr<uint8_t>();
+  uint8_t* dst = raw.data_ptr<uint8_t>();
+  at::parallel_for(r0, r1, 64, [&](int64_t a0, int64_t a1) {
+    for (int64_t row = a0; row < a1; ++row)
+      for (int64_t b = 0; b < nb; ++b)
+        unpack_block(f, src + (row / 8 * nb + b) * f.group_bytes(), (int)(row % 8),
+                     dst + ((row - r0) * nb + b) * f.bytes);
+  });
+  return raw;
+}
+
+// x (M, K) fp32, packed: W (n_out, K) in repack's layout -> y (M, n_out) fp32; levels as qmatmul's
+at::Tensor qmatmul_packed(const at::Tensor& x, const at::Tensor& packed, int64_t qtype, int64_t n_out, int64_t levels) {
+  PackedLegacy f;
+  TORCH_CHECK(packed_format(qtype, f), "qmatmul_packed: ggml type ", qtype, " has no row-interleaved layout");
+  TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu(), "qmatmul_packed: tensors must be on the CPU");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "qmatmul_packed: x must be 2-D (M, K) float32");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 1 && packed.is_contiguous(),
+              "qmatmul_packed: packed must be a flat contiguous uint8 tensor");
+  TORCH_CHECK(n_out > 0, "qmatmul_packed: n_out must be > 0, got ", n_out);
+  TORCH_CHECK(levels == 1 || levels == 2, "qmatmul_packed: levels must be 1 or 2, got ", levels);
+  const int64_t M = x.size(0), K = x.size(1), groups = (n_out + 7) / 8;
+  TORCH_CHECK(K > 0 && K % 32 == 0, "qmatmul_packed: K = ", K, " is not a positive multiple of 32");
+  const int64_t nb = K / 32, need = groups * nb * f.group_bytes();
+  TORCH_CHECK(packed.numel() == need, "qmatmul_packed: W (", n_out, ", ", K, ") packed needs ", need, " bytes, got ",
+              packed.numel());
+  PackedFn tiles[4];
+  if (f.q8) packed_tiles<false, false, true>(tiles);
+  else if (f.min && f.high) packed_tiles<true, true, false>(tiles);
+  else if (f.min) packed_tiles<true, false, false>(tiles);
+  else if (f.high) packed_tiles<false, true, false>(tiles);
+  else packed_tiles<false, false, false>(tiles);
+
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({M, n_out}, x.options());
+  if (M == 0) return y;
+  Q8Act a;
+  quantize_rows(xc.data_ptr<float>(), M, K, (int)levels, a);
+  const uint8_t* W = packed.data_ptr<uint8_t>();
+  at::Tensor y_act = levels == 1 ? y : at::empty({a.M, n_out}, x.options());
+  float* yp = y_act.data_ptr<float>();
+  const int64_t group_bytes = nb * f.group_bytes();
+  const int64_t grain = std::max<int64_t>(1, 32768 / group_bytes);  // groups per task: ~32 KiB of weights
+  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+    for (int64_t p0 = g0; p0 < g1; p0 += grain) {  // a panel of groups stays in cache across the row tiles
+      const int64_t p1 = std::min(g1, p0 + grain);
+      for (int64_t m0 = 0; m0 < a.M;) {
+        const int64_t left = a.M - m0;
+        int t = left >= 8 ? 3 : left >= 4 ? 2 : left >= 2 ? 1 : 0;
+        t = std::min(t, MAX_TILE_LOG2);
+        tiles[t](W, nb, a, m0, yp, n_out, p0, p1);
+        m0 += int64_t(1) << t;
+      }
+    }
+  });
+  if (levels == 2) {
+    const float* ya = y_act.data_ptr<float>();
+    float* yo = y.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < n_out; ++n) yo[m * n_out + n] = ya[2 * m * n_out + n] + ya[(2 * m + 1) * n_out + n];
+  }
+  return y;
+}
+
 std::string isa() {
 #if defined(__AVX2__) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
   return "avx512vnni";
@@ -523,5 +848,8 @@ std::string isa() {
 // unique per build so several builds (paths) can be loaded in one process.
 TORCH_LIBRARY(GGUFLM_NS, m) {
   m.def("qmatmul(Tensor x, Tensor raw, int qtype, int n_out, int levels=1) -> Tensor", &qmatmul);
+  m.def("repack(Tensor raw, int qtype, int n_out) -> Tensor", &repack);
+  m.def("unpack(Tensor packed, int qtype, int n_out, int r0, int r1) -> Tensor", &unpack);
+  m.def("qmatmul_packed(Tensor x, Tensor packed, int qtype, int n_out, int levels=1) -> Tensor", &qmatmul_packed);
   m.def("isa() -> str", &isa);
 }
