@@ -251,3 +251,50 @@ def test_every_public_path_runs_on_every_family(
     assert main(["bench", "-m", m, "-p", "16", "-n", "4", "-r", "1", "--npl", "2", "-o", "json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["tg_tps"] > 0 and result["npl"]["2"] > 0
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_fused_decode_layer_gives_the_python_blocks_bits(
+    arch: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decode steps through kernels.decode_layer (one native call a layer) against the family's Python
+    block: bit-identical logits for one sequence and for three decoding in one batch, on quantized weights
+    with a second format in the fused q/k/v (two runs; phi3's is one tensor); and the fused path ran."""
+    second = {"attn_qkv" if arch == "phi3" else "attn_v": T.Q8_0, "ffn_down": T.Q5_0}
+    path = make_tiny_model(tmp_path / f"{arch}.gguf", arch, seed=11, weight_type=T.Q4_1, tensor_types=second)
+    model = Model.load(path)
+    transformer = model.transformer
+    if transformer.kernels is None:
+        pytest.fail("the native kernels did not build on this machine")
+    fused_calls = 0
+    original = transformer.fused_block
+
+    def counted(*args: object) -> torch.Tensor | None:
+        nonlocal fused_calls
+        y = original(*args)  # type: ignore[arg-type]
+        fused_calls += y is not None
+        return y
+
+    monkeypatch.setattr(transformer, "fused_block", counted)
+
+    def decode_steps(fused: bool) -> torch.Tensor:
+        monkeypatch.setattr(type(transformer), "fused_decode", fused)
+        ctx = Context(model, n_ctx=128, n_seq_max=3, n_batch=64)
+        steps = []
+        for s in range(3):  # prompts longer than the sliding window (8) of the local layers
+            prompt = tokens_of(12 + s, s, model.n_vocab)
+            assert ctx.decode(Batch.from_tokens(prompt, seq_ids=[[s]] * len(prompt))) == 0
+        for step in range(4):
+            assert ctx.decode(Batch.from_tokens([step + 1], seq_ids=[[0]])) == 0
+            steps.append(ctx.logits(-1)[None].clone())
+            tokens = [step + 2, step + 3, step + 4]
+            assert ctx.decode(Batch.from_tokens(tokens, seq_ids=[[0], [1], [2]], output=[True] * 3)) == 0
+            steps.append(ctx.all_logits().clone())
+        return torch.cat(steps)
+
+    python_block = decode_steps(False)
+    assert fused_calls == 0
+    fused = decode_steps(True)
+    # every layer of every step: the 4 one-row and 4 three-row steps, and the prompts (sets of 12-14 rows)
+    assert fused_calls == 11 * model.args.n_layer
+    assert torch.equal(fused, python_block)

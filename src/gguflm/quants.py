@@ -695,6 +695,13 @@ class QuantizedLinear(torch.nn.Module):
             return y.float() + self.bias
         return y
 
+    def native_run(self) -> tuple[torch.Tensor, list[int]] | None:
+        """(weight bytes, [ggml type, output rows, 1 if repacked, activation levels]): how
+        kernels.decode_layer computes `mm`'s products; None where `mm` does not run on the native kernels."""
+        if self.kernel != "native":
+            return None
+        return self._raw, [int(self.qtype), self.out_features, int(self._unpack is not None), self._levels]
+
     def _native_mm(self, x2: torch.Tensor) -> torch.Tensor:
         """(M, in) fp32 -> (M, out) fp32 through the native kernels, straight from the GGUF bytes."""
         return self._qmatmul(x2.float(), self._raw, int(self.qtype), self.out_features, self._levels)

@@ -45,7 +45,7 @@ VARIANTS: dict[str, list[str]] = {  # GGUFLM_KERNELS value -> -march flags
     "avx2": ["-march=haswell"],  # AVX2 + FMA + F16C, no AVX512
     "generic": ["-march=x86-64"],  # no AVX2: the plain C++ path
 }
-SOURCES = ("qmatmul.cpp", "attention.cpp", "rowwise.cpp")
+SOURCES = ("qmatmul.cpp", "attention.cpp", "rowwise.cpp", "layer.cpp")
 _CPU_FLAGS = (
     "avx2",
     "fma",
@@ -93,7 +93,8 @@ class NativeKernels:
     """One build's operators (registered as torch.ops.<ns>): `qmatmul(x, raw, qtype, n_out, levels=1)`; for the
     REPACKED formats `repack(raw, qtype, n_out)`, its inverse `unpack(packed, qtype, n_out, r0, r1)` and
     `qmatmul_packed(x, packed, qtype, n_out, levels=1)`; the decode
-    attention pair `rope_store` and `attend_cells` (attention.cpp), `rms_norm` and `gated` (rowwise.cpp), and `isa()`."""
+    attention pair `rope_store` and `attend_cells` (attention.cpp), `rms_norm` and `gated` (rowwise.cpp), a whole
+    decode layer through them in one call, `decode_layer` (layer.cpp), and `isa()`."""
 
     def __init__(self, namespace: str, library: str) -> None:
         self.namespace = namespace
@@ -107,6 +108,7 @@ class NativeKernels:
         self.attend_cells = ops.attend_cells
         self.rms_norm = ops.rms_norm
         self.gated = ops.gated
+        self.decode_layer = ops.decode_layer
         self.isa = ops.isa
 
     def __repr__(self) -> str:
@@ -141,7 +143,7 @@ def build(name: str = "auto") -> NativeKernels:
     if not any(folder.glob(f"{ext}*.so")):
         march_s = " ".join(march)
         print(f"gguflm: compiling native kernels ({name}: {march_s}) into {folder} ...", file=sys.stderr)
-    if not hasattr(torch.ops, ext) or not hasattr(getattr(torch.ops, ext), "gated"):
+    if not hasattr(torch.ops, ext) or not hasattr(getattr(torch.ops, ext), "decode_layer"):
         library = cpp_extension.load(
             name=ext,
             sources=[str(_copy_source(here / s, folder)) for s in SOURCES],

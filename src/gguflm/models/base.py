@@ -59,6 +59,21 @@ class Linear:
             return run.mm(x.to(run.input_dtype(x.shape[0])))
         return torch.cat([r.mm(x.to(r.input_dtype(x.shape[0]))).float() for r in self.runs], dim=-1)
 
+    def native_runs(self) -> tuple[list[torch.Tensor], list[int], torch.Tensor | None] | None:
+        """The runs as kernels.decode_layer takes a linear: weights, 4 ints per run (QuantizedLinear.native_run)
+        and the runs' biases concatenated; None where a run is not on the native kernels."""
+        runs = [r.native_run() for r in self.runs]
+        if any(run is None for run in runs):
+            return None
+        biases = [r.bias for r in self.runs if r.bias is not None]
+        if biases and len(biases) != len(self.runs):
+            return None
+        return (
+            [w for w, _ in runs],
+            [i for _, spec in runs for i in spec],
+            torch.cat(biases) if biases else None,
+        )  # type: ignore[misc]
+
     def __repr__(self) -> str:
         return " + ".join(f"{r.qtype.name}({r.out_features}x{r.in_features})" for r in self.runs)
 
@@ -275,6 +290,10 @@ class Transformer:
     """
 
     rope_neox: ClassVar[bool] = False  # NEOX rope (halves): q/k rows are permuted into pairs at load
+    # the family's block is kernels.decode_layer's: pre-norm attention and gated FFN (each optionally
+    # post-normed), layers with attn_norm, attn, ffn_norm, gate_up, down (and attn_post_norm, ffn_post_norm)
+    fused_decode: ClassVar[bool] = False
+    gelu_ffn: ClassVar[bool] = False  # the gated FFN's activation: GELU (tanh), else SiLU
     embd_scale: ClassVar[bool] = False  # token embeddings times sqrt(n_embd) (Gemma)
     qkv_bias: ClassVar[bool | None] = None  # q/k/v biases: True required, None optional, False none
     qk_norm: ClassVar[bool] = False  # attn_q_norm and attn_k_norm: an RMSNorm per head (Qwen 3, Gemma 3)
@@ -549,9 +568,68 @@ class Transformer:
         self.observe("inp_out_ids", -1, ub.out_rows)  # (n_out,) the rows the last layer keeps (a lens)
         x = self.observe("inp_embd", -1, x)
         layers = self.layers[: ub.n_layer_run] if ub.n_layer_run else self.layers
+        fused = self.fused_decode and self.kernels is not None and not self.observers and self.decode_step(ub)
         for il, layer in enumerate(layers):
-            x = self.observe("l_out", il, self.block(layer, il, x, ub))
+            y = self.fused_block(layer, il, x, ub) if fused else None
+            x = self.observe("l_out", il, self.block(layer, il, x, ub) if y is None else y)
         return self.observe("result_norm", -1, self.norm(x, self.output_norm))
+
+    def decode_step(self, ub: UBatch) -> bool:
+        """Whether every sequence set of the micro-batch is small enough for the native attention (decode)
+        and the cache is fp32: what kernels.decode_layer takes."""
+        if ub.kv.k.dtype != torch.float32 or len(ub.pos) > NATIVE_MAX_ROWS:
+            return False
+        return all(
+            s.rows.shape[1] <= NATIVE_ATTENTION_ROWS for w in self.args.windows for s in ub.cell_sets(w)
+        )
+
+    def fused_block(self, layer: Any, il: int, x: torch.Tensor, ub: UBatch) -> torch.Tensor | None:
+        """`block` as one native call (kernels.decode_layer): the same kernels in the same order, so the
+        same bits, for a fraction of the Python (decode). None where a linear is not on the native
+        kernels or is observed (gguflm imatrix): then `block` runs."""
+        at: Attention = layer.attn
+        linears = (at.qkv, at.wo, layer.gate_up, layer.down)
+        if any(lin.input_observer is not None for lin in linears):
+            return None
+        runs = [lin.native_runs() for lin in linears]
+        if any(r is None for r in runs) or any(r[2] is not None for r in runs[1:]):  # type: ignore[index]
+            return None
+        (qkv_w, qkv_spec, qkv_bias), (wo_w, wo_spec, _), (gu_w, gu_spec, _), (down_w, down_spec, _) = runs  # type: ignore[misc]
+        assert self.kernels is not None
+        a = self.args
+        keys, values = ub.kv.layers[il]  # (n_ctx, n_head_kv, hd)
+        sets = ub.cell_sets(at.window)
+        x = self.kernels.decode_layer(
+            x,
+            layer.attn_norm,
+            qkv_w,
+            qkv_spec,
+            qkv_bias,
+            at.q_norm,
+            at.k_norm,
+            ub.rotation_pairs(self.rope_of(at, ub.long_context)),
+            keys,
+            values,
+            ub.cells,
+            [s.rows for s in sets],
+            [s.cells for s in sets],
+            [s.masks[at.window] for s in sets],
+            wo_w,
+            wo_spec,
+            getattr(layer, "attn_post_norm", None),
+            layer.ffn_norm,
+            gu_w,
+            gu_spec,
+            down_w,
+            down_spec,
+            getattr(layer, "ffn_post_norm", None),
+            a.norm_eps,
+            a.attn_scale,
+            a.attn_softcap,
+            a.n_head,
+            self.gelu_ffn,
+        )
+        return self.keep_outputs(il, ub, x)[0]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(n, n_embd) normed hidden states -> (n, n_vocab) float32 logits."""

@@ -38,6 +38,8 @@ def _swa_pattern(n_layer: int, period: int) -> tuple[bool, ...]:
 
 
 class Gemma3(Transformer):
+    fused_decode = True
+    gelu_ffn = True
     rope_neox = True
     embd_scale = True
     qkv_bias = False
@@ -82,7 +84,7 @@ class Gemma3(Transformer):
         )
         x = self.observe("ffn_inp", il, x + attn)
         h = self.observe("ffn_norm", il, self.norm(x, layer.ffn_norm))
-        ffn = self.gated_ffn(layer.gate_up, layer.down, h, gelu=True)
+        ffn = self.gated_ffn(layer.gate_up, layer.down, h, gelu=self.gelu_ffn)
         return x + self.observe("ffn_post_norm", il, self.norm(ffn, layer.ffn_post_norm))
 
 

@@ -31,6 +31,8 @@ def load_swiglu(w: Weights, i: int, n_embd: int, n_ff: int) -> tuple[Linear, Lin
 
 
 class Llama(Transformer):
+    fused_decode = True
+
     def load_layer(self, w: Weights, i: int) -> LlamaLayer:
         a = self.args
         gate_up, down = load_swiglu(w, i, a.n_embd, a.n_ff)
