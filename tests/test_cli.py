@@ -275,8 +275,10 @@ def test_inspect_system_names_the_paths(
     code, out, _ = run_cli(capsys, "inspect", "--system")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].startswith("cpu: ") and "kernels=avx2" in lines[0] and "prefill in float32" in lines[0]
-    assert lines[1].startswith("native kernels: avx2, in use")
+    assert (
+        lines[0].startswith("cpu: ") and "kernels=avx2" in lines[0] and "prefill in native int8" in lines[0]
+    )
+    assert lines[1].startswith("native kernels: avx2, in use for products of any number of rows")
     monkeypatch.setenv("GGUFLM_KERNELS", "torch")
     code, out, _ = run_cli(capsys, "inspect", "--system")
     assert code == 0 and "native kernels: none" in out

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from gguflm import Batch, Context, Model, kernels
-from gguflm.cpu import activation_levels, describe, has_fast_bf16, kernel_choice, prefill_dtype
+from gguflm.cpu import (
+    activation_levels,
+    dequantized_prefill,
+    describe,
+    has_fast_bf16,
+    kernel_choice,
+    prefill_dtype,
+)
 from gguflm.writer import make_tiny_model
 
 T = gguf.GGMLQuantizationType
@@ -17,10 +24,12 @@ T = gguf.GGMLQuantizationType
 
 def test_forced_choices(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GGUFLM_KERNELS", "avx2")
-    assert not has_fast_bf16() and prefill_dtype() == torch.float32
-    assert "prefill in float32" in describe()
+    assert not has_fast_bf16() and prefill_dtype() == torch.float32 and not dequantized_prefill()
+    assert "prefill in native int8" in describe()
+    monkeypatch.setenv("GGUFLM_KERNELS", "avx512")  # bf16 arithmetic without AMX: still the int8 kernels
+    assert has_fast_bf16() and not dequantized_prefill()
     monkeypatch.setenv("GGUFLM_KERNELS", "amx")
-    assert has_fast_bf16() and prefill_dtype() == torch.bfloat16
+    assert has_fast_bf16() and prefill_dtype() == torch.bfloat16 and dequantized_prefill()
     monkeypatch.setenv("GGUFLM_KERNELS", "sse9")
     with pytest.raises(ValueError, match="GGUFLM_KERNELS='sse9'"):
         kernel_choice()
@@ -44,7 +53,9 @@ def test_prefill_path_of_each_choice_stays_close_to_reference(
     built = choice != "torch" and kernels.native() is not None
     assert layer.gate_up.runs[0].kernel == ("native" if built else "int4")
     assert (fast.transformer.kernels is not None) == built  # decode attention and norms
-    assert layer.gate_up.runs[0].input_dtype(100) == expected
+    # the native kernels take a prefill's rows too (fp32 in, int8 inside), but on AMX machines
+    prefill_input = expected if not built or dequantized_prefill() else torch.float32
+    assert layer.gate_up.runs[0].input_dtype(100) == prefill_input
     assert layer.down.runs[0].kernel == ("bf16" if bf16 else "f32")
     assert fast.transformer.attn_dtype_prefill == expected
     tokens = torch.randint(0, 300, (100,), generator=torch.Generator().manual_seed(0)).tolist()

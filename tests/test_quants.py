@@ -205,7 +205,8 @@ def test_fast_linear_close_to_reference(qtype: QT) -> None:
     if qtype == QT.Q6_K and packed == "int4":  # no int4 form worth having: four padded planes
         want_kernel = dense
     assert fast.kernel == want_kernel
-    ms = [1, 7, 64, fast.packed_max_rows + 1]  # the last one takes the dequantize-to-bf16 path
+    # decode rows, and prefill rows (through the dequantize-to-bf16 path where the kernel stops)
+    ms = [1, 7, 64, min(fast.packed_max_rows + 1, 300)]
     for m in ms:
         x = torch.randn(m, shape[1])
         err = rel_err(fast(x), ref(x))
@@ -312,7 +313,7 @@ def test_repacked_weights_give_prefill_the_files_exact_values(
     w = torch.cat([dequantize(d, qtype, (n, k)) for d, n in zip(datas, outs, strict=True)])
     chunks = list(fused._chunks())
     assert len(chunks) == 8 and torch.equal(torch.cat(chunks), w)
-    x = torch.randn(fused.packed_max_rows + 1, k)
+    x = torch.randn(min(fused.packed_max_rows + 1, 300), k)
     assert rel_err(fused(x), x @ w.T) < FAST_REL_ERR
 
 

@@ -261,7 +261,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     if args.system:  # what the fast mode will run on this machine
         from gguflm import kernels
-        from gguflm.cpu import describe, use_native_kernels
+        from gguflm.cpu import dequantized_prefill, describe, use_native_kernels
         from gguflm.models.base import NATIVE_ATTENTION_ROWS
         from gguflm.quants import NATIVE_MAX_ROWS
 
@@ -271,7 +271,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print("native kernels: none (GGUFLM_KERNELS=torch, or no compiler)")
         elif use_native_kernels():
             print(
-                f"native kernels: {isa}, in use for products of up to {NATIVE_MAX_ROWS} rows "
+                f"native kernels: {isa}, in use for products of "
+                f"{f'up to {NATIVE_MAX_ROWS}' if dequantized_prefill() else 'any number of'} rows "
                 f"and the attention of sequences of up to {NATIVE_ATTENTION_ROWS} new tokens"
             )
         else:

@@ -71,6 +71,18 @@ def prefill_dtype() -> torch.dtype:
     return torch.bfloat16 if has_fast_bf16() else torch.float32
 
 
+def dequantized_prefill() -> bool:
+    """Whether the fast mode's many-row products (prefill) dequantize weights a chunk at a time for bf16
+    matmuls rather than run the native int8 kernels all the way: only where the CPU has AMX, whose tile
+    products outrun those kernels (pp512 5.5-6.5x llama.cpp's on Sapphire Rapids). Without AMX the int8
+    kernels win: SmolLM2 pp512 ~1100 against ~850 t/s for bf16 on 2 AMD EPYC Zen 4 cores (AVX512-BF16);
+    fp32, the choice without any bf16 arithmetic, is slower still."""
+    choice = kernel_choice()
+    if choice in ("amx", "avx512", "avx2", "generic"):
+        return choice == "amx"
+    return "amx_bf16" in cpu_flags()
+
+
 def describe() -> str:
     """One line for `gguflm bench`: the CPU's capability, the kernel path that runs (building the
     native kernels if they are not yet) and the prefill dtype chosen."""
@@ -82,5 +94,5 @@ def describe() -> str:
     return (
         f"cpu: {torch.backends.cpu.get_cpu_capability()} ({' '.join(isa) or 'no SIMD flags read'}), "
         f"kernels={kernel_choice()} ({'native ' + path if path != 'torch' else 'torch int4'} decode), "
-        f"prefill in {str(prefill_dtype()).removeprefix('torch.')}"
+        f"prefill in {'native int8' if path != 'torch' and not dequantized_prefill() else str(prefill_dtype()).removeprefix('torch.')}"
     )

@@ -14,7 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from gguflm import kernels
-from gguflm.cpu import activation_levels, has_fast_bf16, prefill_dtype, use_native_kernels
+from gguflm.cpu import (
+    activation_levels,
+    dequantized_prefill,
+    has_fast_bf16,
+    prefill_dtype,
+    use_native_kernels,
+)
 
 QT = gguf.GGMLQuantizationType
 QK_K = 256  # elements in a K-quant super-block
@@ -392,10 +398,11 @@ _PACK_CHUNK_ROWS = 1024  # a multiple of 64
 
 MODES = ("fast", "reference")
 KERNELS = ("native", "int4", "bf16", "f32", "dequant")
-# Activation rows the native kernels take (decode, parallel decode of up to 64 sequences, whose rows then
-# get the result they get alone); more: prefill. Their cost grows with M like the int4 kernel's
-# (Q4_1 3072x576 on 2 Zen 4 cores: M=1 0.03 ms, M=16 0.18-0.24, M=64 0.87; int4 0.68 at 64).
+# Rows of a decode step (parallel decode of up to 64 sequences, whose rows then get the result they get
+# alone); more: a prefill, which on AMX machines dequantizes weights for bf16 tile products instead of
+# running the native kernels (cpu.dequantized_prefill).
 NATIVE_MAX_ROWS = 64
+ALL_ROWS = 1 << 62  # packed_max_rows when a kernel takes any number of rows
 # Formats the fast mode keeps as a bf16 matrix instead of int4 planes: Q6_K's 16-wide groups would need
 # four padded planes (2.5 bytes/weight, no faster than bf16 at 2), F16 converts losslessly enough.
 _BF16_COPY_TYPES = (QT.BF16, QT.F16, QT.Q6_K)
@@ -427,8 +434,9 @@ class QuantizedLinear(torch.nn.Module):
     mode="fast": a kernel per format (attribute `kernel`):
       "native" (default where gguflm.kernels builds, for the formats in kernels.SUPPORTED) the GGUF
               bytes used as they are, activations quantized to 8 bits per block, integer dot products
-              (AVX512-VNNI / AVX2), up to NATIVE_MAX_ROWS rows; above that as "int4" does. Parts
-              (fused q/k/v, gate/up) are copied into one buffer at load: one call, no file pages.
+              (AVX512-VNNI / AVX2), for any number of rows (on AMX machines up to NATIVE_MAX_ROWS,
+              above that as "int4" does). Parts (fused q/k/v, gate/up) are copied into one buffer at
+              load: one call, no file pages; the 32-element formats row-interleaved (kernels.REPACKED).
       "int4"  Q4_0/Q4_1/Q4_K as one int4 plane; Q5_0/Q5_1/Q5_K/Q8_0 as two (the 5/8-bit code split into
               nibbles, scales 1 and 16); Q2_K/Q3_K as one plane, each 16-wide group padded to 32. The fallback
               where there are no native kernels (GGUFLM_KERNELS=torch, no compiler). Runs
@@ -571,7 +579,8 @@ class QuantizedLinear(torch.nn.Module):
                 self._unpack = native.unpack
                 # rows() reads single rows from the file; prefill's chunks come from the packed copy
                 self._parts = file_parts
-            self.packed_max_rows = NATIVE_MAX_ROWS
+            # every row count through the int8 kernels, but on AMX: there bf16 chunks for prefill
+            self.packed_max_rows = NATIVE_MAX_ROWS if dequantized_prefill() else ALL_ROWS
         elif self.kernel in ("bf16", "f32"):
             self._weight = self._dense(torch.bfloat16 if self.kernel == "bf16" else torch.float32)
 
