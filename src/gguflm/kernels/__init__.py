@@ -46,6 +46,7 @@ VARIANTS: dict[str, list[str]] = {  # GGUFLM_KERNELS value -> -march flags
     "generic": ["-march=x86-64"],  # no AVX2: the plain C++ path
 }
 SOURCES = ("qmatmul.cpp", "attention.cpp", "rowwise.cpp", "layer.cpp")
+HEADERS = ("vec_math.h",)  # included by the sources: hashed into the build key, copied beside them
 _CPU_FLAGS = (
     "avx2",
     "fma",
@@ -82,7 +83,7 @@ def cache_dir() -> Path:
 def _build_key(flags: list[str]) -> str:
     h = hashlib.sha256()
     here = Path(__file__).parent
-    for src in SOURCES:
+    for src in SOURCES + HEADERS:
         h.update((here / src).read_bytes())
     h.update(torch.__version__.encode())
     h.update(" ".join(flags + cpu_flags()).encode())
@@ -144,6 +145,8 @@ def build(name: str = "auto") -> NativeKernels:
         march_s = " ".join(march)
         print(f"gguflm: compiling native kernels ({name}: {march_s}) into {folder} ...", file=sys.stderr)
     if not hasattr(torch.ops, ext) or not hasattr(getattr(torch.ops, ext), "decode_layer"):
+        for header in HEADERS:
+            _copy_source(here / header, folder)
         library = cpp_extension.load(
             name=ext,
             sources=[str(_copy_source(here / s, folder)) for s in SOURCES],

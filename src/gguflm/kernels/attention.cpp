@@ -27,6 +27,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "vec_math.h"
+
 namespace {
 
 constexpr int LANES = 16;
@@ -167,8 +169,14 @@ void attend_cells(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
       float* o = op + (t * n_head + h) * hd;
       std::fill(o, o + hd, 0.f);
       if (n == 0) continue;  // sees nothing: zeros
+      for (int64_t j = 0; j < n; ++j) score[j] = fast_exp(score[j] - best);  // vectorized
+      float lanes[LANES] = {};
+      int64_t j = 0;
+      for (; j + LANES <= n; j += LANES)
+        for (int l = 0; l < LANES; ++l) lanes[l] += score[j + l];
       float total = 0.f;
-      for (int64_t j = 0; j < n; ++j) total += (score[j] = std::exp(score[j] - best));
+      for (; j < n; ++j) total += score[j];
+      for (int l = 0; l < LANES; ++l) total += lanes[l];
       for (int64_t j = 0; j < n; ++j) {
         const float p = score[j] / total;
         const float* vv = vp + (seen[j] * n_kv + hk) * hd;

@@ -16,6 +16,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "vec_math.h"
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "rms_norm: tensors must be on the CPU");
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "rms_norm: x and w must be float32");
@@ -52,12 +54,18 @@ at::Tensor gated(const at::Tensor& gate_up, bool gelu) {
   const float* xp = xc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const float k0 = 0.7978845608028654f, k1 = 0.044715f;  // sqrt(2 / pi), GELU's cubic term
-  at::parallel_for(0, T * n, 16384, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t t = i / n, j = i % n;
-      const float g = xp[t * 2 * n + j], u = xp[t * 2 * n + n + j];
-      const float a = gelu ? 0.5f * g * (1.f + std::tanh(k0 * (g + k1 * g * g * g))) : g / (1.f + std::exp(-g));
-      yp[i] = a * u;
+  at::parallel_for(0, T, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, n)), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const float *g = xp + t * 2 * n, *u = g + n;
+      float* o = yp + t * n;
+      if (gelu) {  // 0.5 g (1 + tanh(z)) = g (1 - 1 / (e^2z + 1))
+        for (int64_t j = 0; j < n; ++j) {
+          const float z = k0 * (g[j] + k1 * g[j] * g[j] * g[j]);
+          o[j] = g[j] * (1.f - 1.f / (fast_exp(2.f * z) + 1.f)) * u[j];
+        }
+      } else {  // g / (1 + e^-g)
+        for (int64_t j = 0; j < n; ++j) o[j] = g[j] / (1.f + fast_exp(-g[j])) * u[j];
+      }
     }
   });
   return y;
