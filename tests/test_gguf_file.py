@@ -396,3 +396,27 @@ def test_real_model_reads_like_gguf_reader(smollm2_path: Path) -> None:
         info = f.tensors[t.name]
         assert info.qtype == t.tensor_type and info.shape == tuple(reversed(t.shape.tolist()))
         assert info.data.numpy().tobytes() == np.asarray(t.data).tobytes()
+
+
+def _rss_file_kb() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"RssFile:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+
+
+def test_released_pages_leave_resident_memory_and_read_back_the_same_bytes(tmp_path: Path) -> None:
+    """release_range drops the whole pages under a view of the file from resident memory (RssFile falls
+    by about its size); the bytes read back are the file's; a tensor that is not a view of the file, or a
+    range inside one page, is left alone."""
+    path = make_tiny_model(tmp_path / "m.gguf", "llama", n_vocab=32768, n_layer=1, weight_type=Q.Q8_0)
+    f = GGUFFile(path)
+    data = f.tensor("token_embd.weight").data  # 32768 x 64 Q8_0: 2.2 MB
+    before = data.clone()  # every page resident now
+    resident = _rss_file_kb()
+    f.release_range(data)
+    assert resident - _rss_file_kb() >= 0.8 * data.numel() / 1024
+    f.release_range(data[5:9])  # less than a page
+    foreign = torch.arange(10, dtype=torch.uint8)
+    f.release_range(foreign)
+    assert torch.equal(data, before) and torch.equal(foreign, torch.arange(10, dtype=torch.uint8))
+    f.release_pages()
+    assert torch.equal(data, before)

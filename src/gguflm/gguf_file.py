@@ -225,6 +225,21 @@ class GGUFFile:
         if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
             mapping.madvise(mmap.MADV_DONTNEED)
 
+    def release_range(self, data: torch.Tensor) -> None:
+        """release_pages() for the whole pages under `data`, a view of this file's tensors: what a big
+        matrix's repacking has copied already (QuantizedLinear's `release`). Anything else: no-op."""
+        mapping = getattr(self._map, "_mmap", None)
+        if mapping is None or not hasattr(mmap, "MADV_DONTNEED") or data.numel() == 0:
+            return
+        base = self._map.ctypes.data
+        start, end = data.data_ptr() - base, data.data_ptr() - base + data.numel() * data.element_size()
+        if start < 0 or end > self._map.size:
+            return
+        page = mmap.PAGESIZE
+        first, last = -(-start // page) * page, end // page * page  # whole pages only
+        if last > first:
+            mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
+
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
 

@@ -390,6 +390,7 @@ def _pack_int4(qtype: QT, parts: Sequence[tuple[torch.Tensor, int]], k: int) -> 
 
 
 _PACK_CHUNK_ROWS = 1024  # a multiple of 64
+_REPACK_CHUNK_BYTES = 8 << 20  # of a big matrix's file bytes repacked at a time (QuantizedLinear._repacked)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -466,13 +467,16 @@ class QuantizedLinear(torch.nn.Module):
         bias: torch.Tensor | None = None,
         device: torch.device | str | None = None,
         kernel: str | None = None,
+        release: Callable[[torch.Tensor], None] | None = None,
     ) -> None:
         """data: the weight's raw GGUF bytes (flat uint8, e.g. memory-mapped; never written), shape:
-        (out_features, in_features). kernel forces one of KERNELS (tests, benchmarks); None picks one."""
+        (out_features, in_features). kernel forces one of KERNELS (tests, benchmarks); None picks one.
+        release(chunk) is called on each chunk of `data` once it is repacked (GGUFFile.release_range): a
+        big matrix's file pages then leave resident memory while its copy fills, not after."""
         super().__init__()
         if len(shape) != 2:
             raise ValueError(f"a linear weight is 2-D (out_features, in_features), got shape {tuple(shape)}")
-        self._init([(data, int(shape[0]))], qtype, int(shape[1]), mode, bias, device, kernel)
+        self._init([(data, int(shape[0]))], qtype, int(shape[1]), mode, bias, device, kernel, release)
 
     @classmethod
     def concat(
@@ -516,6 +520,7 @@ class QuantizedLinear(torch.nn.Module):
         bias: torch.Tensor | None,
         device: torch.device | str | None,
         kernel: str | None,
+        release: Callable[[torch.Tensor], None] | None = None,
     ) -> None:
         self.qtype = _check_type(qtype)
         if mode not in MODES:
@@ -574,7 +579,7 @@ class QuantizedLinear(torch.nn.Module):
             else:
                 self._raw = self._parts[0][0]
             if self.qtype in kernels.REPACKED:  # 8 rows' blocks side by side: 2-3x faster products
-                self._raw = native.repack(self._raw, int(self.qtype), self.out_features)
+                self._raw = self._repacked(native.repack, release)
                 self._qmatmul = native.qmatmul_packed
                 self._unpack = native.unpack
                 # rows() reads single rows from the file; prefill's chunks come from the packed copy
@@ -583,6 +588,24 @@ class QuantizedLinear(torch.nn.Module):
             self.packed_max_rows = NATIVE_MAX_ROWS if dequantized_prefill() else ALL_ROWS
         elif self.kernel in ("bf16", "f32"):
             self._weight = self._dense(torch.bfloat16 if self.kernel == "bf16" else torch.float32)
+
+    def _repacked(
+        self, repack: Callable[..., torch.Tensor], release: Callable[[torch.Tensor], None] | None
+    ) -> torch.Tensor:
+        """The native kernels' row-interleaved copy of `_raw`, made _REPACK_CHUNK_BYTES of rows at a time
+        (whole groups of 8 rows), each chunk's file bytes handed to `release` once copied."""
+        n, row_bytes, qtype = self.out_features, self._row_bytes, int(self.qtype)
+        step = max(8, _REPACK_CHUNK_BYTES // row_bytes // 8 * 8)
+        if release is None or n <= step:
+            return repack(self._raw, qtype, n)
+        packed = torch.empty((n + 7) // 8 * 8 * row_bytes, dtype=torch.uint8, device=self.device)
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            chunk = self._raw[r0 * row_bytes : r1 * row_bytes]
+            part = repack(chunk, qtype, r1 - r0)  # rows past r1 padded: only in the last chunk
+            packed[r0 * row_bytes : r0 * row_bytes + part.numel()] = part
+            release(chunk)
+        return packed
 
     def _dense(self, dtype: torch.dtype) -> torch.Tensor:
         """W as a dense (out, in) matrix: a view of the file for F32/BF16, else filled a chunk at a time

@@ -151,7 +151,14 @@ class Weights:
     def matrix(self, name: str, n_out: int, n_in: int) -> QuantizedLinear:
         """One unfused matrix kept as QuantizedLinear: embeddings (rows()) and the output head."""
         info = self.tensor(f"{name}.weight", (n_out, n_in))
-        return QuantizedLinear(info.data, info.qtype, (n_out, n_in), mode=self.mode, device=self.device)
+        return QuantizedLinear(
+            info.data,
+            info.qtype,
+            (n_out, n_in),
+            mode=self.mode,
+            device=self.device,
+            release=self.file.release_range,
+        )
 
     def finish(self) -> None:
         unread = sorted(set(self.file.tensors) - self.read)
