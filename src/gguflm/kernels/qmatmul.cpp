@@ -698,8 +698,8 @@ void packed_tiles(PackedFn* t) {
 // The kernels take the weight codes unsigned (0..15, 0..31, 0..63: maddubs' pairs stay under 2 * 63 * 127)
 // and form, per 32-element chunk c of an activation row (its codes' scale dx, sum sx = dx * sum(qx)):
 //   Q4_K / Q5_K:  acc += (d sc[j] * dx) * isum_j       lin -= (dmin mn[j]) * sx         (j = c)
-//   Q6_K:         acc += (d * dx) * (sc[2c] isum_2c + sc[2c+1] isum_2c+1)
-//                 with isum_s = sum (q - 32) qx over 16 elements = dot(q, qx) - 32 * sum(qx), exact
+//   Q6_K:         acc += (d sc[s] * dx) * isum_s       for s = 2c, 2c + 1 (16 elements each), with
+//                 isum_s = sum (q - 32) qx = dot(q, qx) - 32 * sum(qx), exact (sums_of_16)
 // in chunk order, the same operations for a row whatever the tile height (batch invariance).
 
 constexpr int K4_D = 0, K4_DMIN = 16, K4_SC = 32, K4_MN = 96, K4_HEAD = 160;
@@ -868,9 +868,8 @@ void packed_q6_k(const uint8_t* P, int64_t nsb, const Q8Act& a, int64_t m0, floa
       for (int c = 0; c < 8; ++c) {  // chunk c: sub-blocks 2c (i = 0..3) and 2c + 1 (i = 4..7)
         const int h = c / 4, k = c % 4;
         const int8_t* xc = xq + (8 * b + c) * 32;
-        __m256i sc_sum[MT];
 #pragma GCC unroll 2
-        for (int s = 0; s < 2; ++s) {
+        for (int s = 0; s < 2; ++s) {  // sub-block 2c + s: elements 16s..16s+15 of the chunk
           __m256i isum[MT];  // starts at -32 * sum(qx): the codes' offset
           for (int m = 0; m < MT; ++m) isum[m] = _mm256_set1_epi32(-32 * x16[m * n16 + 16 * b + 2 * c + s]);
 #pragma GCC unroll 4
@@ -882,15 +881,11 @@ void packed_q6_k(const uint8_t* P, int64_t nsb, const Q8Act& a, int64_t m0, floa
             const __m256i u = _mm256_or_si256(lo, _mm256_and_si256(hi, high2));
             for (int m = 0; m < MT; ++m) isum[m] = dot_acc(isum[m], u, broadcast4(xc + m * K + 4 * i));
           }
-          const __m256i sc = i8_lanes(pb + K6_SC + 8 * (2 * c + s));
-          for (int m = 0; m < MT; ++m) {
-            const __m256i t = _mm256_mullo_epi32(isum[m], sc);
-            sc_sum[m] = s ? _mm256_add_epi32(sc_sum[m], t) : t;
-          }
+          const __m256 dsc = _mm256_mul_ps(d8, _mm256_cvtepi32_ps(i8_lanes(pb + K6_SC + 8 * (2 * c + s))));
+          for (int m = 0; m < MT; ++m)
+            acc[m] = _mm256_fmadd_ps(_mm256_mul_ps(dsc, _mm256_set1_ps(xd[m * nb + 8 * b + c])),
+                                     _mm256_cvtepi32_ps(isum[m]), acc[m]);
         }
-        for (int m = 0; m < MT; ++m)
-          acc[m] = _mm256_fmadd_ps(_mm256_mul_ps(d8, _mm256_set1_ps(xd[m * nb + 8 * b + c])),
-                                   _mm256_cvtepi32_ps(sc_sum[m]), acc[m]);
       }
     }
     store_group(acc, nullptr, MT, y, m0, N, g);
