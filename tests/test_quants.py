@@ -300,12 +300,13 @@ def test_concat_equals_separate_matmuls(qtype: QT, mode: str) -> None:
 def test_repacked_weights_give_prefill_the_files_exact_values(
     qtype: QT, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With the native kernels the fast mode keeps 8-row-interleaved copies of the 32-element formats;
-    prefill's dequantized chunks (more rows than the kernels take) come out of that copy, and must be
-    exactly the file's values, part boundaries and a partial last group of rows included."""
+    """With the native kernels the fast mode keeps 8-row-interleaved copies of the REPACKED formats (the
+    K-quants' with their 6-bit scales decoded); prefill's dequantized chunks (more rows than the kernels
+    take) come out of that copy, and must be exactly the file's values, part boundaries and a partial
+    last group of rows included."""
     if kernels.native() is None:
         pytest.fail(f"the native kernels did not build: {kernels.native_error}")
-    outs, k = [40, 13, 700], 64  # 753 rows: parts not multiples of 8
+    outs, k = [40, 13, 700], 2 * block_size(qtype)  # 753 rows: parts not multiples of 8
     monkeypatch.setattr(quants, "_CHUNK_ELEMENTS", 100 * k)  # chunks of 100 rows: not multiples of 8 either
     datas = [weight(qtype, (n, k), 30 + i) for i, n in enumerate(outs)]
     fused = QuantizedLinear.concat([(d, qtype, (n, k)) for d, n in zip(datas, outs, strict=True)])

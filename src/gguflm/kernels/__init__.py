@@ -38,8 +38,8 @@ from gguflm.cpu import kernel_choice
 QT = gguf.GGMLQuantizationType
 
 SUPPORTED: frozenset[QT] = frozenset({QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K})
-# formats with a row-interleaved layout (repack / qmatmul_packed): 8 rows' blocks side by side
-REPACKED: frozenset[QT] = frozenset({QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0})
+# formats with a row-interleaved layout (repack / qmatmul_packed): 8 rows' blocks side by side (qmatmul.cpp)
+REPACKED: frozenset[QT] = frozenset({QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K})
 VARIANTS: dict[str, list[str]] = {  # GGUFLM_KERNELS value -> -march flags
     "auto": ["-march=native"],
     "avx2": ["-march=haswell"],  # AVX2 + FMA + F16C, no AVX512
