@@ -533,3 +533,32 @@ def test_same_seed_same_tokens_whatever_shares_the_batch(smollm2) -> None:  # ty
         assert ctx.decode(Batch.from_tokens(step, seq_ids=[[0], [1]], output=[True, True])) == 0
         rows = [0, 1]
     assert together == [alone(p) for p in prompts]
+
+
+@pytest.mark.parametrize(
+    ("params", "shortcut"),
+    [
+        (SamplerParams(temp=0.0), True),
+        (SamplerParams(temp=0.0, top_k=1, top_p=0.5, min_p=0.3, top_n_sigma=1.0, logit_bias={7: 50.0}), True),
+        (SamplerParams(temp=-1.0, logit_bias={3: -1e9}), True),
+        (SamplerParams(temp=0.0, typ_p=0.2), False),  # typical may drop the most likely token
+        (SamplerParams(temp=0.0, xtc_probability=1.0, xtc_threshold=0.01), False),  # so may XTC
+        (SamplerParams(temp=0.0, penalty_repeat=1.5), False),
+        (SamplerParams(temp=0.0, dry_multiplier=0.8, dry_sequence_breakers=()), False),
+        (SamplerParams(temp=0.7), False),
+    ],
+)
+def test_greedy_shortcut_picks_what_the_whole_chain_picks(params: SamplerParams, shortcut: bool) -> None:
+    """At temperature <= 0 the sampler skips the chain when every stage keeps the most likely token
+    and changes no logit; its pick must be the chain's on any logits, with any history."""
+    rng = np.random.default_rng(3)
+    chained, quick = Sampler(params), Sampler(params)
+    assert quick._argmax_only == shortcut
+    for step in range(30):
+        logits = rng.standard_normal(500).astype(np.float32) * (1 + step % 4)
+        if params.temp > 0:
+            break
+        want = greedy(chained.candidates(logits))
+        assert quick.sample(logits) == want
+        chained.accept(want)
+        quick.accept(want)

@@ -775,6 +775,23 @@ class Sampler:
                     "or set dry_sequence_breakers=()"
                 )
             self._breakers = dry_breaker_sequences(p.dry_sequence_breakers, tokenizer)
+        # greedy through stages that all keep the most likely token and change no logit (top-k, top-p,
+        # min-p, top-n-sigma, temperature; penalties, DRY, typical and XTC off): the pick is the argmax
+        # of the biased logits, without the chain's sorts (a server step's top-k alone: ~1 ms a request)
+        stages = set(chain)
+        self._argmax_only = (
+            p.mirostat == 0
+            and p.temp <= 0
+            and not (
+                self._use_dry
+                or ("typ_p" in stages and p.typ_p < 1.0)
+                or ("xtc" in stages and p.xtc_probability > 0 and p.xtc_threshold <= 0.5)
+                or (
+                    self._use_penalties
+                    and (p.penalty_repeat, p.penalty_freq, p.penalty_present) != (1.0, 0.0, 0.0)
+                )
+            )
+        )
         if p.mirostat == 0:
             self.chain = ["logit-bias", *chain, "dist" if p.temp > 0 else "greedy"]
         else:
@@ -821,6 +838,8 @@ class Sampler:
     def sample(self, logits: torch.Tensor | np.ndarray | Sequence[float]) -> int:
         """(n_vocab,) logits -> a token id, without recording it (llama.cpp's common_sampler_sample)."""
         p = self.params
+        if self._argmax_only:
+            return greedy(logit_bias(Candidates.from_logits(logits), p.logit_bias))
         if p.mirostat == 0:
             cand = self.candidates(logits)
             return greedy(cand) if p.temp <= 0 else dist(cand, self._rng)
