@@ -358,13 +358,32 @@ def test_attend_cells_matches_float64_attention(path: str, softcap: float) -> No
     mask = torch.rand(2, 3, 20, generator=g) < 0.6
     mask[1, 2] = False  # sees nothing: zeros
     out = torch.full((T, n_head, hd), 7.0)
-    mod.attend_cells(q, k, v, rows, cells, mask, hd**-0.5, softcap, out)
+    mod.attend_cells(q, k, v, [rows], [cells], [mask], hd**-0.5, softcap, out)
     for b in range(2):
         for r in range(3):
             want = _attention_reference(q[rows[b, r]], k, v, cells[b].tolist(), mask[b, r].tolist(), softcap)
             torch.testing.assert_close(out[rows[b, r]].double(), want, rtol=1e-5, atol=1e-5)
     assert torch.equal(out[[5, 6]], torch.full((2, n_head, hd), 7.0))  # not in any set: untouched
     assert torch.equal(out[3], torch.zeros(n_head, hd))
+    # the sets as two groups of one call, the second over only 15 of its cells
+    groups = torch.full((T, n_head, hd), 7.0)
+    mod.attend_cells(
+        q,
+        k,
+        v,
+        [rows[:1], rows[1:]],
+        [cells[:1], cells[1:, :15]],
+        [mask[:1], mask[1:, :, :15]],
+        hd**-0.5,
+        softcap,
+        groups,
+    )
+    assert torch.equal(groups[rows[0]], out[rows[0]])
+    for r in range(2):
+        want = _attention_reference(
+            q[rows[1, r]], k, v, cells[1, :15].tolist(), mask[1, r, :15].tolist(), softcap
+        )
+        torch.testing.assert_close(groups[rows[1, r]].double(), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("path", _paths())
@@ -382,7 +401,7 @@ def test_a_rows_attention_does_not_depend_on_its_set_or_masked_cells(path: str) 
     def attend(rows: list[int], cell_ids: torch.Tensor, row_mask: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(4, n_head, hd)
         mask = row_mask.expand(1, len(rows), len(cell_ids)).contiguous()
-        mod.attend_cells(q, k, v, torch.tensor([rows]), cell_ids[None], mask, 0.125, 0.0, out)
+        mod.attend_cells(q, k, v, [torch.tensor([rows])], [cell_ids[None]], [mask], 0.125, 0.0, out)
         return out
 
     alone = attend([2], cells, visible)[2]
@@ -455,12 +474,22 @@ def test_attention_kernels_refuse_bad_inputs() -> None:
     out = torch.zeros(2, 4, 8)
     rows, mask = torch.tensor([[0, 1]]), torch.ones(1, 2, 3, dtype=torch.bool)
     with pytest.raises(RuntimeError, match="outside the cache"):
-        mod.attend_cells(q, k, v, rows, torch.tensor([[0, 1, 10]]), mask, 1.0, 0.0, out)
+        mod.attend_cells(q, k, v, [rows], [torch.tensor([[0, 1, 10]])], [mask], 1.0, 0.0, out)
     with pytest.raises(RuntimeError, match="outside q"):
-        mod.attend_cells(q, k, v, torch.tensor([[0, 2]]), torch.tensor([[0, 1, 2]]), mask, 1.0, 0.0, out)
+        mod.attend_cells(
+            q, k, v, [torch.tensor([[0, 2]])], [torch.tensor([[0, 1, 2]])], [mask], 1.0, 0.0, out
+        )
     with pytest.raises(RuntimeError, match="multiple of n_head_kv"):
         mod.attend_cells(
-            torch.randn(2, 3, 8), k, v, rows, torch.tensor([[0, 1, 2]]), mask, 1.0, 0.0, torch.zeros(2, 3, 8)
+            torch.randn(2, 3, 8),
+            k,
+            v,
+            [rows],
+            [torch.tensor([[0, 1, 2]])],
+            [mask],
+            1.0,
+            0.0,
+            torch.zeros(2, 3, 8),
         )
     with pytest.raises(RuntimeError, match="float32"):
         mod.rms_norm(torch.randn(2, 8, dtype=torch.float64), torch.randn(8), 1e-5)

@@ -118,48 +118,69 @@ at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& rot, const c10::o
   return q;
 }
 
-// q (T, n_head, hd), caches (n_ctx, n_head_kv, hd); rows (B, R) rows of q, cells (B, C) cache cells of each
-// set in position order, mask (B, R, C) true = may attend -> out (T, n_head, hd): the rows in `rows` are
-// overwritten, the others left as they are (a micro-batch's sets fill one output, one call per set shape).
-void attend_cells(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& rows,
-                  const at::Tensor& cells, const at::Tensor& mask, double scale, double softcap, at::Tensor out) {
+// q (T, n_head, hd), caches (n_ctx, n_head_kv, hd); for each group g of sequence sets: rows[g] (B, R) rows of q,
+// cells[g] (B, C) cache cells of each set in position order, mask[g] (B, R, C) true = may attend -> out (T, n_head,
+// hd): the rows named are overwritten, the others left as they are. Every (set, row, head) of every group is one
+// task of one parallel loop: a server step's sequences (one group per distinct cell count) cost one fork, not one each.
+void attend_cells(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, at::TensorList rows,
+                  at::TensorList cells, at::TensorList mask, double scale, double softcap, at::Tensor out) {
   check_f32(q, "q", 3);
   check_f32(k_cache, "k_cache", 3);
   check_f32(v_cache, "v_cache", 3);
-  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 2, "rows must be (B, R) int64");
-  TORCH_CHECK(cells.scalar_type() == at::kLong && cells.dim() == 2, "cells must be (B, C) int64");
-  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 3, "mask must be (B, R, C) bool");
-  const int64_t T = q.size(0), n_head = q.size(1), hd = q.size(2);
-  const int64_t n_ctx = k_cache.size(0), n_kv = k_cache.size(1);
-  const int64_t B = rows.size(0), R = rows.size(1), C = cells.size(1);
-  TORCH_CHECK(k_cache.size(2) == hd && v_cache.sizes() == k_cache.sizes(), "caches must be (n_ctx, n_head_kv, head_dim)");
-  TORCH_CHECK(n_kv > 0 && n_head % n_kv == 0, "n_head (", n_head, ") must be a multiple of n_head_kv (", n_kv, ")");
-  TORCH_CHECK(cells.size(0) == B && mask.size(0) == B && mask.size(1) == R && mask.size(2) == C,
-              "mask must be (B, R, C) for rows (B, R) and cells (B, C)");
   check_f32(out, "out", 3);
   TORCH_CHECK(out.sizes() == q.sizes(), "out must have q's shape");
-  const at::Tensor rc = rows.contiguous(), cc = cells.contiguous(), mc = mask.contiguous();
-  const int64_t *rp = rc.data_ptr<int64_t>(), *cp = cc.data_ptr<int64_t>();
-  const bool* mp = mc.data_ptr<bool>();
-  for (int64_t i = 0; i < B * R; ++i) TORCH_CHECK(rp[i] >= 0 && rp[i] < T, "row ", rp[i], " is outside q");
-  for (int64_t i = 0; i < B * C; ++i) TORCH_CHECK(cp[i] >= 0 && cp[i] < n_ctx, "cell ", cp[i], " is outside the cache");
+  TORCH_CHECK(rows.size() == cells.size() && rows.size() == mask.size(), "rows, cells and mask need one entry per group");
+  const int64_t T = q.size(0), n_head = q.size(1), hd = q.size(2);
+  const int64_t n_ctx = k_cache.size(0), n_kv = k_cache.size(1);
+  TORCH_CHECK(k_cache.size(2) == hd && v_cache.sizes() == k_cache.sizes(), "caches must be (n_ctx, n_head_kv, head_dim)");
+  TORCH_CHECK(n_kv > 0 && n_head % n_kv == 0, "n_head (", n_head, ") must be a multiple of n_head_kv (", n_kv, ")");
+  struct Group {
+    at::Tensor rows, cells, mask;  // contiguous (copies where the caller's were not)
+    int64_t R, C, first_task;
+    const int64_t *rp, *cp;
+    const bool* mp;
+  };
+  std::vector<Group> groups;
+  int64_t n_tasks = 0, C_max = 0;
+  for (size_t g = 0; g < rows.size(); ++g) {
+    TORCH_CHECK(rows[g].scalar_type() == at::kLong && rows[g].dim() == 2, "rows must be (B, R) int64");
+    TORCH_CHECK(cells[g].scalar_type() == at::kLong && cells[g].dim() == 2, "cells must be (B, C) int64");
+    TORCH_CHECK(mask[g].scalar_type() == at::kBool && mask[g].dim() == 3, "mask must be (B, R, C) bool");
+    const int64_t B = rows[g].size(0), R = rows[g].size(1), C = cells[g].size(1);
+    TORCH_CHECK(cells[g].size(0) == B && mask[g].size(0) == B && mask[g].size(1) == R && mask[g].size(2) == C,
+                "mask must be (B, R, C) for rows (B, R) and cells (B, C)");
+    Group grp{rows[g].contiguous(), cells[g].contiguous(), mask[g].contiguous(), R, C, n_tasks, nullptr, nullptr, nullptr};
+    const int64_t *rp = grp.rp = grp.rows.data_ptr<int64_t>(), *cp = grp.cp = grp.cells.data_ptr<int64_t>();
+    grp.mp = grp.mask.data_ptr<bool>();
+    for (int64_t i = 0; i < B * R; ++i) TORCH_CHECK(rp[i] >= 0 && rp[i] < T, "row ", rp[i], " is outside q");
+    for (int64_t i = 0; i < B * C; ++i) TORCH_CHECK(cp[i] >= 0 && cp[i] < n_ctx, "cell ", cp[i], " is outside the cache");
+    n_tasks += B * R * n_head;
+    C_max = std::max(C_max, C);
+    groups.push_back(std::move(grp));
+  }
 
   const float *qp = q.data_ptr<float>(), *kp = k_cache.data_ptr<float>(), *vp = v_cache.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t group = n_head / n_kv;
   const float sc = float(scale), cap = float(softcap);
-  at::parallel_for(0, B * R * n_head, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> score(C);
-    std::vector<int64_t> seen(C);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t br = i / n_head, h = i % n_head, b = br / R, t = rp[br], hk = h / group;
+  at::parallel_for(0, n_tasks, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> score(C_max);
+    std::vector<int64_t> seen(C_max);
+    size_t g = 0;
+    for (int64_t task = i0; task < i1; ++task) {
+      while (g + 1 < groups.size() && groups[g + 1].first_task <= task) ++g;
+      const Group& grp = groups[g];
+      const int64_t i = task - grp.first_task, C = grp.C;
+      const int64_t br = i / n_head, h = i % n_head, b = br / grp.R, hk = h / group;
+      const int64_t t = grp.rp[br];
+      const int64_t* cp = grp.cp + b * C;
+      const bool* m = grp.mp + br * C;
       const float* qv = qp + (t * n_head + h) * hd;
-      const bool* m = mp + br * C;
       int64_t n = 0;
       float best = -INFINITY;
       for (int64_t c = 0; c < C; ++c) {
         if (!m[c]) continue;
-        const int64_t cell = cp[b * C + c];
+        const int64_t cell = cp[c];
         float s = dot(qv, kp + (cell * n_kv + hk) * hd, hd) * sc;
         if (cap > 0.f) s = std::tanh(s / cap) * cap;
         seen[n] = cell;
@@ -192,7 +213,7 @@ TORCH_LIBRARY_FRAGMENT(GGUFLM_NS, m) {
       "Tensor(b!) v_cache, Tensor cells, int n_head) -> Tensor",
       &rope_store);
   m.def(
-      "attend_cells(Tensor q, Tensor k_cache, Tensor v_cache, Tensor rows, Tensor cells, Tensor mask, "
+      "attend_cells(Tensor q, Tensor k_cache, Tensor v_cache, Tensor[] rows, Tensor[] cells, Tensor[] mask, "
       "float scale, float softcap, Tensor(a!) out) -> ()",
       &attend_cells);
 }

@@ -6,7 +6,7 @@
 //
 //   h = rms_norm(x) * attn_norm
 //   q = rope_store(qkv(h))                      k and v of each row written to the cache
-//   a = attend_cells(q) per sequence set        each row against the cells it may see
+//   a = attend_cells(q)                         each row against the cells its sequence set may see
 //   x = x + [post_attn_norm](wo(a))
 //   h = rms_norm(x) * ffn_norm
 //   x = x + [post_ffn_norm](down(act(gate) * up))   act: SiLU, or GELU (tanh) for Gemma
@@ -26,8 +26,8 @@ at::Tensor qmatmul_packed(const at::Tensor& x, const at::Tensor& packed, int64_t
 at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& rot, const c10::optional<at::Tensor>& q_norm,
                       const c10::optional<at::Tensor>& k_norm, double eps, at::Tensor k_cache, at::Tensor v_cache,
                       const at::Tensor& cells, int64_t n_head);
-void attend_cells(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& rows,
-                  const at::Tensor& cells, const at::Tensor& mask, double scale, double softcap, at::Tensor out);
+void attend_cells(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, at::TensorList rows,
+                  at::TensorList cells, at::TensorList mask, double scale, double softcap, at::Tensor out);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
 at::Tensor gated(const at::Tensor& gate_up, bool gelu);
 
@@ -62,8 +62,7 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, at::Te
   if (qkv_bias.has_value()) qkv = qkv + *qkv_bias;
   const at::Tensor q = rope_store(qkv, rot, q_norm, k_norm, eps, k_cache, v_cache, cells, n_head);
   at::Tensor attn = at::empty_like(q);  // (T, n_head, hd)
-  for (size_t s = 0; s < set_rows.size(); ++s)
-    attend_cells(q, k_cache, v_cache, set_rows[s], set_cells[s], set_masks[s], scale, softcap, attn);
+  attend_cells(q, k_cache, v_cache, set_rows, set_cells, set_masks, scale, softcap, attn);
   at::Tensor out = linear(attn.view({x.size(0), -1}), wo_w, wo_spec);
   if (attn_post_norm.has_value()) out = rms_norm(out, *attn_post_norm, eps);
   const at::Tensor mid = x + out;

@@ -457,13 +457,23 @@ class Transformer:
             if ub.groups is None and not small[0]:  # one set, a prefill: torch's attention
                 return self.attend_torch(q.transpose(0, 1), at, il, ub)
             out = torch.empty_like(q)
-            for s, is_small, g in zip(sets, small, ub.groups or sets, strict=True):
-                if is_small:
-                    mask = s.masks[at.window]
-                    native.attend_cells(
-                        q, keys, values, s.rows, s.cells, mask, a.attn_scale, a.attn_softcap, out
-                    )
-                else:  # a prompt chunk beside decoding sequences (the server): torch's, for this set
+            few = [s for s, is_small in zip(sets, small, strict=True) if is_small]
+            if few:  # every small set in one call
+                native.attend_cells(
+                    q,
+                    keys,
+                    values,
+                    [s.rows for s in few],
+                    [s.cells for s in few],
+                    [s.masks[at.window] for s in few],
+                    a.attn_scale,
+                    a.attn_softcap,
+                    out,
+                )
+            for is_small, g in zip(small, ub.groups or sets, strict=True):
+                if (
+                    not is_small
+                ):  # a prompt chunk beside decoding sequences (the server): torch's, for this set
                     out[g.rows.flatten()] = self.attend_group(q.transpose(0, 1), g, at, il, ub).transpose(
                         0, 1
                     )
