@@ -179,6 +179,8 @@ void attend_cells(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
       int64_t n = 0;
       float best = -INFINITY;
       for (int64_t c = 0; c < C; ++c) {
+        if (c + 4 < C)  // the key 4 cells on: the cells are scattered rows of the cache
+          for (int64_t l = 0; l < hd; l += 16) __builtin_prefetch(kp + (cp[c + 4] * n_kv + hk) * hd + l);
         if (!m[c]) continue;
         const int64_t cell = cp[c];
         float s = dot(qv, kp + (cell * n_kv + hk) * hd, hd) * sc;
@@ -199,6 +201,8 @@ void attend_cells(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
       for (; j < n; ++j) total += score[j];
       for (int l = 0; l < LANES; ++l) total += lanes[l];
       for (int64_t j = 0; j < n; ++j) {
+        if (j + 4 < n)
+          for (int64_t l = 0; l < hd; l += 16) __builtin_prefetch(vp + (seen[j + 4] * n_kv + hk) * hd + l);
         const float p = score[j] / total;
         const float* vv = vp + (seen[j] * n_kv + hk) * hd;
         for (int64_t d = 0; d < hd; ++d) o[d] += p * vv[d];
