@@ -68,11 +68,9 @@ class Linear:
         biases = [r.bias for r in self.runs if r.bias is not None]
         if biases and len(biases) != len(self.runs):
             return None
-        return (
-            [w for w, _ in runs],
-            [i for _, spec in runs for i in spec],
-            torch.cat(biases) if biases else None,
-        )  # type: ignore[misc]
+        weights = [w for w, _ in runs]  # type: ignore[misc]
+        specs = [i for _, spec in runs for i in spec]  # type: ignore[misc]
+        return weights, specs, torch.cat(biases) if biases else None
 
     def __repr__(self) -> str:
         return " + ".join(f"{r.qtype.name}({r.out_features}x{r.in_features})" for r in self.runs)
@@ -470,13 +468,9 @@ class Transformer:
                     a.attn_softcap,
                     out,
                 )
-            for is_small, g in zip(small, ub.groups or sets, strict=True):
-                if (
-                    not is_small
-                ):  # a prompt chunk beside decoding sequences (the server): torch's, for this set
-                    out[g.rows.flatten()] = self.attend_group(q.transpose(0, 1), g, at, il, ub).transpose(
-                        0, 1
-                    )
+            # a prompt chunk beside decoding sequences (the server): torch's attention, for that set
+            for g in [g for is_small, g in zip(small, ub.groups or sets, strict=True) if not is_small]:
+                out[g.rows.flatten()] = self.attend_group(q.transpose(0, 1), g, at, il, ub).transpose(0, 1)
             return out.view(T, n_head * hd)
         else:
             qk = qkv[:, : (n_head + n_head_kv) * hd].view(T, n_head + n_head_kv, hd)
