@@ -312,7 +312,8 @@ class Transformer:
         self.observers: list[Observer] = []
         self._fused_args: dict[int, Any] = {}  # by layer: _decode_layer_args, built on first use
         # native kernels for the decode attention (and, in QuantizedLinear, the matmuls); None: torch's
-        self.kernels = kernels.native() if w.mode == "fast" and use_native_kernels() else None
+        use_native = w.mode == "fast" and use_native_kernels() and w.device.type == "cpu"
+        self.kernels = kernels.native() if use_native else None
         a = args
         self.tok_embd = w.matrix("token_embd", a.n_vocab, a.n_embd)
         # frequency factors: Llama 3.1's rope_freqs; LongRoPE's (Phi-3) short ones, and long ones for
