@@ -1,6 +1,6 @@
 """Native quantized kernels: small-batch products x @ W^T with W in its GGUF block format.
 
-The C++ source (`qmatmul.cpp`, next to this file) is compiled on first use with
+The C++ sources (`*.cpp` next to this file) are compiled on first use with
 `torch.utils.cpp_extension.load` (g++ and ninja), with -O3 and the machine's own instruction set, and
 cached under $GGUFLM_CACHE/kernels (else ~/.cache/gguflm/kernels) by torch version, source hash and
 ISA flags. Where it cannot be built (no compiler, a failed build) `native()` returns None after one
@@ -45,8 +45,8 @@ VARIANTS: dict[str, list[str]] = {  # GGUFLM_KERNELS value -> -march flags
     "avx2": ["-march=haswell"],  # AVX2 + FMA + F16C, no AVX512
     "generic": ["-march=x86-64"],  # no AVX2: the plain C++ path
 }
-SOURCES = ("qmatmul.cpp", "attention.cpp", "rowwise.cpp", "layer.cpp")
-HEADERS = ("vec_math.h",)  # included by the sources: hashed into the build key, copied beside them
+SOURCES = ("qmatmul.cpp", "packed.cpp", "attention.cpp", "rowwise.cpp", "layer.cpp")
+HEADERS = ("qmatmul.h", "vec_math.h")  # included by the sources: hashed into the build key, copied beside them
 _CPU_FLAGS = (
     "avx2",
     "fma",
@@ -91,9 +91,10 @@ def _build_key(flags: list[str]) -> str:
 
 
 class NativeKernels:
-    """One build's operators (registered as torch.ops.<ns>): `qmatmul(x, raw, qtype, n_out, levels=1)`; for the
-    REPACKED formats `repack(raw, qtype, n_out)`, its inverse `unpack(packed, qtype, n_out, r0, r1)` and
-    `qmatmul_packed(x, packed, qtype, n_out, levels=1)`; the decode
+    """One build's operators (registered as torch.ops.<ns>): `qmatmul(x, raw, qtype, n_out, levels=1)`
+    (qmatmul.cpp); for the REPACKED formats `repack(raw, qtype, n_out)`, its inverse
+    `unpack(packed, qtype, n_out, r0, r1)` and `qmatmul_packed(x, packed, qtype, n_out, levels=1)`
+    (packed.cpp); the decode
     attention pair `rope_store` and `attend_cells` (attention.cpp), `rms_norm` and `gated` (rowwise.cpp), a whole
     decode layer through them in one call, `decode_layer` (layer.cpp), and `isa()`."""
 

@@ -1,0 +1,648 @@
+// Quantized matrix products on a row-interleaved copy of the weights made at load (repack, unpack,
+// qmatmul_packed): 8 rows' blocks side by side. Formats, activations and the integer arithmetic: qmatmul.h.
+
+#include "qmatmul.h"
+
+#include <algorithm>
+
+namespace {
+
+// ---- row-interleaved ("x8") layout of the 32-element formats: 8 weight rows decoded at once -------
+//
+// The layout above costs a 32-element block a dozen instructions of scalar work (two f16 scales,
+// a broadcast, a horizontal sum per row). Repacked at load, eight rows' blocks sit side by side so one
+// 256-bit vector holds four codes of each of the 8 rows (one int32 lane per row): a dot product with 4
+// broadcast activation codes then sums each row in its own lane, the 8 scales convert in one
+// instruction, and a row group's 8 outputs are one vector store. Nothing is summed across lanes.
+//
+// Group g = rows 8g..8g+7 (rows past n_out are zero: scale 0); its blocks follow each other. Block b
+// of a group, 8 x the format's block size in all:
+//   d[8]  f16                      the 8 rows' scales (lane r = row 8g + r)
+//   m[8]  f16                      (Q4_1, Q5_1) their mins
+//   qh[8] u32                      (Q5_0, Q5_1) 5th bits, rearranged: byte t, bit k   = element 4k + t,
+//                                                                     byte t, bit 4+k = element 16 + 4k + t
+//   4-bit codes: 4 vectors of 32 bytes; vector j, lane r = row r's qs[4j .. 4j+3] (low nibbles:
+//                elements 4j..4j+3, high nibbles: elements 16+4j..16+4j+3, as in the file)
+//   Q8_0 codes:  8 vectors of 32 bytes; vector j, lane r = row r's qs[4j .. 4j+3] (elements 4j..4j+3), + 128 (Q8_UNSIGNED)
+// The bytes are the file's, moved: `unpack` gives them back exactly (prefill's dequantized chunks).
+
+inline uint32_t qh_to_lanes(uint32_t qh) {
+  uint32_t out = 0;
+  for (int t = 0; t < 4; ++t)
+    for (int k = 0; k < 4; ++k) {
+      out |= ((qh >> (4 * k + t)) & 1u) << (8 * t + k);
+      out |= ((qh >> (16 + 4 * k + t)) & 1u) << (8 * t + 4 + k);
+    }
+  return out;
+}
+
+inline uint32_t qh_from_lanes(uint32_t lanes) {
+  uint32_t qh = 0;
+  for (int t = 0; t < 4; ++t)
+    for (int k = 0; k < 4; ++k) {
+      qh |= ((lanes >> (8 * t + k)) & 1u) << (4 * k + t);
+      qh |= ((lanes >> (8 * t + 4 + k)) & 1u) << (16 + 4 * k + t);
+    }
+  return qh;
+}
+
+// Q8_0's codes stored as q + 128 (unsigned) where the dot product is VNNI's, which cannot saturate: the
+// kernel then takes 128 times the activation codes' sum off instead of moving w's sign onto x (two
+// instructions fewer per 4 codes). AVX2's maddubs would saturate (255 * 127 * 2 > 32767): signed there.
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+constexpr bool Q8_UNSIGNED = true;
+#else
+constexpr bool Q8_UNSIGNED = false;
+#endif
+
+// Where the parts of one file block (format with a min? 5th bits? 8-bit codes?) go in a packed group.
+struct PackedLegacy {
+  bool min, high, q8;
+  int bytes;  // of one file block
+  constexpr int qs_in() const { return 2 + 2 * min + 4 * high; }           // codes' offset in a file block
+  constexpr int qs_bytes() const { return q8 ? 32 : 16; }
+  constexpr int off_m() const { return 16; }                                // in a packed block
+  constexpr int off_qh() const { return 16 + 16 * min; }
+  constexpr int off_qs() const { return 16 + 16 * min + 32 * high; }
+  constexpr int group_bytes() const { return 8 * bytes; }
+};
+
+// file block of row lane r -> its bytes in packed block P (src null: a padding row, all zero)
+void pack_block(const PackedLegacy& f, const uint8_t* src, int r, uint8_t* P) {
+  static const uint8_t zero[34] = {};
+  if (!src) src = zero;
+  std::memcpy(P + 2 * r, src, 2);
+  if (f.min) std::memcpy(P + f.off_m() + 2 * r, src + 2, 2);
+  if (f.high) {
+    uint32_t qh;
+    std::memcpy(&qh, src + 2 + 2 * f.min, 4);
+    qh = qh_to_lanes(qh);
+    std::memcpy(P + f.off_qh() + 4 * r, &qh, 4);
+  }
+  const uint8_t* qs = src + f.qs_in();
+  for (int j = 0; j < f.qs_bytes() / 4; ++j) std::memcpy(P + f.off_qs() + 32 * j + 4 * r, qs + 4 * j, 4);
+  if (f.q8 && Q8_UNSIGNED)
+    for (int j = 0; j < 8; ++j)
+      for (int t = 0; t < 4; ++t) P[f.off_qs() + 32 * j + 4 * r + t] ^= 0x80;
+}
+
+void unpack_block(const PackedLegacy& f, const uint8_t* P, int r, uint8_t* dst) {
+  std::memcpy(dst, P + 2 * r, 2);
+  if (f.min) std::memcpy(dst + 2, P + f.off_m() + 2 * r, 2);
+  if (f.high) {
+    uint32_t lanes;
+    std::memcpy(&lanes, P + f.off_qh() + 4 * r, 4);
+    lanes = qh_from_lanes(lanes);
+    std::memcpy(dst + 2 + 2 * f.min, &lanes, 4);
+  }
+  uint8_t* qs = dst + f.qs_in();
+  for (int j = 0; j < f.qs_bytes() / 4; ++j) std::memcpy(qs + 4 * j, P + f.off_qs() + 32 * j + 4 * r, 4);
+  if (f.q8 && Q8_UNSIGNED)
+    for (int i = 0; i < 32; ++i) qs[i] ^= 0x80;
+}
+
+// The packed kernel for format (MIN, HIGH, Q8) and a tile of MT activation rows from m0: y[m, 8g + r] for
+// groups [g0, g1). Per block, each activation row's integer sums of the 8 weight rows build up in one
+// vector (exact, so the order of the dot products does not matter); then, in block order,
+//   acc += (d * dx) * isum     lin += m * sx       (Q4_0 / Q5_0: isum -= 8 or 16 * sum(qx) instead of lin)
+// the same operations for a row whatever MT is: a row's result never depends on what shares the call.
+template <bool MIN, bool HIGH, bool Q8, int MT>
+void packed_kernel(const uint8_t* P, int64_t nb, const Q8Act& a, int64_t m0, float* y, int64_t N, int64_t g0,
+                   int64_t g1) {
+  constexpr PackedLegacy f{MIN, HIGH, Q8, 18 + 2 * MIN + 4 * HIGH + 16 * Q8};
+  constexpr int GB = 8 * f.bytes;
+  constexpr int32_t OFFSET = MIN ? 0 : Q8 ? (Q8_UNSIGNED ? 128 : 0) : (HIGH ? 16 : 8);
+  const int64_t K = nb * 32;
+  const int8_t* xq = a.q.data() + m0 * K;
+  const float* xd = a.d.data() + m0 * nb;
+  const float* xs = a.s.data() + m0 * nb;
+  const int32_t* xi = a.si.data() + m0 * nb;
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint8_t* pg = P + g * nb * GB;
+#if defined(__AVX2__)
+    __m256 acc[MT], lin[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = lin[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* pb = pg + b * GB;
+      const __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)pb));
+      __m256i isum[MT];
+      for (int m = 0; m < MT; ++m) isum[m] = _mm256_setzero_si256();
+      const int8_t* xb = xq + b * 32;
+      if constexpr (Q8) {
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) {
+          const __m256i v = _mm256_loadu_si256((const __m256i*)(pb + f.off_qs() + 32 * j));
+          if constexpr (Q8_UNSIGNED) {  // q + 128: OFFSET takes 128 sum(x) off below
+            for (int m = 0; m < MT; ++m) isum[m] = dot_acc(isum[m], v, broadcast4(xb + m * K + 4 * j));
+          } else {
+            const __m256i av = _mm256_sign_epi8(v, v);  // |w|, then x takes w's sign: u8 x s8, same products
+            for (int m = 0; m < MT; ++m)
+              isum[m] = dot_acc(isum[m], av, _mm256_sign_epi8(broadcast4(xb + m * K + 4 * j), v));
+          }
+        }
+      } else {
+        __m256i hv = _mm256_setzero_si256();
+        if constexpr (HIGH) hv = _mm256_loadu_si256((const __m256i*)(pb + f.off_qh()));
+        const __m256i low4 = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10);
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+          const __m256i v = _mm256_loadu_si256((const __m256i*)(pb + f.off_qs() + 32 * j));
+          __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+          if constexpr (HIGH) {
+            lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi32(hv, 4 - j), bit4));
+            hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_srli_epi32(hv, j), bit4));
+          }
+          for (int m = 0; m < MT; ++m) {
+            isum[m] = dot_acc(isum[m], lo, broadcast4(xb + m * K + 4 * j));
+            isum[m] = dot_acc(isum[m], hi, broadcast4(xb + m * K + 16 + 4 * j));
+          }
+        }
+      }
+      __m256 m8 = _mm256_setzero_ps();
+      if constexpr (MIN) m8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(pb + f.off_m())));
+      for (int m = 0; m < MT; ++m) {
+        if constexpr (OFFSET != 0) isum[m] = _mm256_sub_epi32(isum[m], _mm256_set1_epi32(OFFSET * xi[m * nb + b]));
+        acc[m] = _mm256_fmadd_ps(_mm256_mul_ps(d8, _mm256_set1_ps(xd[m * nb + b])), _mm256_cvtepi32_ps(isum[m]), acc[m]);
+        if constexpr (MIN) lin[m] = _mm256_fmadd_ps(m8, _mm256_set1_ps(xs[m * nb + b]), lin[m]);
+      }
+    }
+    for (int m = 0; m < MT; ++m) {
+      float out[8];
+      _mm256_storeu_ps(out, _mm256_add_ps(acc[m], lin[m]));
+      const int64_t n0 = 8 * g, n = std::min<int64_t>(8, N - n0);
+      std::memcpy(y + (m0 + m) * N + n0, out, n * sizeof(float));
+    }
+#else
+    float acc[MT][8] = {}, lin[MT][8] = {};
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* pb = pg + b * GB;
+      for (int r = 0; r < 8; ++r) {
+        uint8_t blk[34];
+        unpack_block(f, pb, r, blk);
+        const float d = f16_to_f32(blk), mn = MIN ? f16_to_f32(blk + 2) : 0.f;
+        int8_t u[32];
+        if constexpr (Q8) {
+          std::memcpy(u, blk + 2, 32);
+        } else {
+          nibbles_32(blk + f.qs_in(), u);
+          if constexpr (HIGH) add_bits_32(blk + 2 + 2 * MIN, u);
+        }
+        for (int m = 0; m < MT; ++m) {
+          int32_t isum = 0;
+          for (int i = 0; i < 32; ++i) isum += u[i] * xq[m * K + b * 32 + i];
+          isum -= OFFSET * xi[m * nb + b];
+          acc[m][r] += d * xd[m * nb + b] * (float)isum;
+          if constexpr (MIN) lin[m][r] += mn * xs[m * nb + b];
+        }
+      }
+    }
+    for (int m = 0; m < MT; ++m)
+      for (int r = 0; r < 8 && 8 * g + r < N; ++r) y[(m0 + m) * N + 8 * g + r] = acc[m][r] + lin[m][r];
+#endif
+  }
+}
+
+using PackedFn = void (*)(const uint8_t*, int64_t, const Q8Act&, int64_t, float*, int64_t, int64_t, int64_t);
+
+template <bool MIN, bool HIGH, bool Q8>
+void packed_tiles(PackedFn* t) {
+  t[0] = &packed_kernel<MIN, HIGH, Q8, 1>;
+  t[1] = &packed_kernel<MIN, HIGH, Q8, 2>;
+  t[2] = &packed_kernel<MIN, HIGH, Q8, 4>;
+  t[3] = &packed_kernel<MIN, HIGH, Q8, 8>;
+}
+
+// ---- row-interleaved ("x8") layout of the K-quants: Q4_K, Q5_K, Q6_K ----------------------------
+//
+// The same idea per super-block of 256: group g = rows 8g..8g+7 (rows past n_out zero), its super-blocks
+// one after the other; super-block b of a group holds the 8 rows' super-blocks b, arranged so that
+//   - every code vector (32 bytes) holds 4 consecutive elements of one 32-element chunk for each of the
+//     8 rows (lane r = row 8g + r, one int32 lane per row, as in the legacy layout), and
+//   - every per-sub-block scale is 8 consecutive bytes, one per row (pmovzx/pmovsx -> 8 int32 lanes).
+// The bytes are the file's, moved, except Q4_K/Q5_K's 12 bytes of packed 6-bit scales and mins: those
+// are stored decoded, one byte each (16 bytes: the same 96 bits, so `unpack` re-encodes them exactly),
+// which spares the kernel a dozen shifts and masks per super-block: +4 bytes per row and super-block.
+//
+// Q4_K, 8 x 148 = 1184 bytes (file 8 x 144, +2.8%):
+//   0     d[8]     f16   the 8 rows' super-block scales
+//   16    dmin[8]  f16   their min scales
+//   32    sc[8][8] u8    sc[j][r] = row r's 6-bit scale of sub-block j     value = d sc[j] q - dmin mn[j]
+//   96    mn[8][8] u8    mn[j][r] = row r's 6-bit min of sub-block j
+//   160   qs: 32 vectors; vector 8p + i, lane r = row r's qs[32p + 4i .. +3]: low nibbles = sub-block 2p's
+//         elements 4i..4i+3, high nibbles = sub-block 2p+1's (the file's bytes, 4 at a time)
+// Q5_K, 8 x 180 = 1440 bytes (file 8 x 176, +2.3%): Q4_K's first 160 bytes, then
+//   160   qh: 8 vectors; vector i, lane r = row r's qh[4i .. +3]: bit j of byte t = the 5th bit of
+//         sub-block j's element 4i + t
+//   416   qs as Q4_K's
+// Q6_K, 8 x 210 = 1680 bytes (the file's size):
+//   0     d[8]      f16
+//   16    sc[16][8] i8   sc[s][r] = row r's scale of 16-element sub-block s   value = d sc[s] (q - 32)
+//   144   ql: 32 vectors; vector 16h + 8k2 + i, lane r = row r's ql[64h + 32k2 + 4i .. +3]
+//   1168  qh: 16 vectors; vector 8h + i, lane r = row r's qh[32h + 4i .. +3]
+//   chunk c = 4h + k (k = 0..3), elements 4i..4i+3: low 4 bits in ql vector 16h + 8(k % 2) + i, nibble k / 2;
+//   high 2 bits in qh vector 8h + i, bits 2k, 2k + 1 (the file's arrangement, 4 bytes at a time)
+//
+// The kernels take the weight codes unsigned (0..15, 0..31, 0..63: maddubs' pairs stay under 2 * 63 * 127)
+// and form, per 32-element chunk c of an activation row (its codes' scale dx, sum sx = dx * sum(qx)):
+//   Q4_K / Q5_K:  acc += (d sc[j] * dx) * isum_j       lin -= (dmin mn[j]) * sx         (j = c)
+//   Q6_K:         acc += (d sc[s] * dx) * isum_s       for s = 2c, 2c + 1 (16 elements each), with
+//                 isum_s = sum (q - 32) qx = dot(q, qx) - 32 * sum(qx), exact (sums_of_16)
+// in chunk order, the same operations for a row whatever the tile height (batch invariance).
+
+constexpr int K4_D = 0, K4_DMIN = 16, K4_SC = 32, K4_MN = 96, K4_HEAD = 160;
+constexpr int K6_D = 0, K6_SC = 16, K6_QL = 144, K6_QH = 1168;
+
+// Q4_K / Q5_K: the 12 bytes at s -> 8 scales and 8 mins (6 bits each), and back
+inline void k_scales_decode(const uint8_t* s, uint8_t* sc, uint8_t* mn) {
+  for (int j = 0; j < 4; ++j) {
+    sc[j] = s[j] & 63;
+    mn[j] = s[j + 4] & 63;
+    sc[j + 4] = (s[j + 8] & 0x0F) | ((s[j] >> 6) << 4);
+    mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+  }
+}
+inline void k_scales_encode(const uint8_t* sc, const uint8_t* mn, uint8_t* s) {
+  for (int j = 0; j < 4; ++j) {
+    s[j] = (uint8_t)((sc[j] & 63) | ((sc[j + 4] >> 4) << 6));
+    s[j + 4] = (uint8_t)((mn[j] & 63) | ((mn[j + 4] >> 4) << 6));
+    s[j + 8] = (uint8_t)((sc[j + 4] & 0x0F) | ((mn[j + 4] & 0x0F) << 4));
+  }
+}
+
+// `n` bytes from src, 4 at a time, to lane r of consecutive 32-byte vectors at P (and back)
+inline void to_lanes(const uint8_t* src, int n, int r, uint8_t* P) {
+  for (int v = 0; v < n / 4; ++v) std::memcpy(P + 32 * v + 4 * r, src + 4 * v, 4);
+}
+inline void from_lanes(const uint8_t* P, int n, int r, uint8_t* dst) {
+  for (int v = 0; v < n / 4; ++v) std::memcpy(dst + 4 * v, P + 32 * v + 4 * r, 4);
+}
+
+// file super-block of row lane r (null: a padding row, all zero) <-> packed super-block P
+template <bool HIGH>  // Q5_K
+void pack_q45_k(const uint8_t* src, int r, uint8_t* P) {
+  static const uint8_t zero[176] = {};
+  if (!src) src = zero;
+  std::memcpy(P + K4_D + 2 * r, src, 2);
+  std::memcpy(P + K4_DMIN + 2 * r, src + 2, 2);
+  uint8_t sc[8], mn[8];
+  k_scales_decode(src + 4, sc, mn);
+  for (int j = 0; j < 8; ++j) {
+    P[K4_SC + 8 * j + r] = sc[j];
+    P[K4_MN + 8 * j + r] = mn[j];
+  }
+  if constexpr (HIGH) to_lanes(src + 16, 32, r, P + K4_HEAD);
+  to_lanes(src + 16 + 32 * HIGH, 128, r, P + K4_HEAD + 256 * HIGH);
+}
+template <bool HIGH>
+void unpack_q45_k(const uint8_t* P, int r, uint8_t* dst) {
+  std::memcpy(dst, P + K4_D + 2 * r, 2);
+  std::memcpy(dst + 2, P + K4_DMIN + 2 * r, 2);
+  uint8_t sc[8], mn[8];
+  for (int j = 0; j < 8; ++j) {
+    sc[j] = P[K4_SC + 8 * j + r];
+    mn[j] = P[K4_MN + 8 * j + r];
+  }
+  k_scales_encode(sc, mn, dst + 4);
+  if constexpr (HIGH) from_lanes(P + K4_HEAD, 32, r, dst + 16);
+  from_lanes(P + K4_HEAD + 256 * HIGH, 128, r, dst + 16 + 32 * HIGH);
+}
+void pack_q6_k(const uint8_t* src, int r, uint8_t* P) {
+  static const uint8_t zero[210] = {};
+  if (!src) src = zero;
+  std::memcpy(P + K6_D + 2 * r, src + 208, 2);
+  for (int s = 0; s < 16; ++s) P[K6_SC + 8 * s + r] = src[192 + s];
+  to_lanes(src, 128, r, P + K6_QL);
+  to_lanes(src + 128, 64, r, P + K6_QH);
+}
+void unpack_q6_k(const uint8_t* P, int r, uint8_t* dst) {
+  std::memcpy(dst + 208, P + K6_D + 2 * r, 2);
+  for (int s = 0; s < 16; ++s) dst[192 + s] = P[K6_SC + 8 * s + r];
+  from_lanes(P + K6_QL, 128, r, dst);
+  from_lanes(P + K6_QH, 64, r, dst + 128);
+}
+
+// a.s16: the activation codes' sums per 16 elements (Q6_K's 16-element sub-blocks)
+void sums_of_16(Q8Act& a, int64_t K) {
+  const int64_t n16 = K / 16;
+  a.s16.resize(a.M * n16);
+  for (int64_t m = 0; m < a.M; ++m)
+    for (int64_t h = 0; h < n16; ++h) {
+      const int8_t* q = a.q.data() + m * K + 16 * h;
+      int32_t sum = 0;
+      for (int i = 0; i < 16; ++i) sum += q[i];
+      a.s16[m * n16 + h] = sum;
+    }
+}
+
+#if defined(__AVX2__)
+inline void store_group(const __m256* acc, const __m256* lin, int MT, float* y, int64_t m0, int64_t N, int64_t g) {
+  for (int m = 0; m < MT; ++m) {
+    float out[8];
+    _mm256_storeu_ps(out, lin ? _mm256_add_ps(acc[m], lin[m]) : acc[m]);
+    const int64_t n0 = 8 * g, n = std::min<int64_t>(8, N - n0);
+    std::memcpy(y + (m0 + m) * N + n0, out, n * sizeof(float));
+  }
+}
+
+// 8 bytes at p -> 8 int32 lanes, zero- or sign-extended
+inline __m256i u8_lanes(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
+inline __m256i i8_lanes(const uint8_t* p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
+
+// Q4_K (HIGH false) / Q5_K (HIGH true), a tile of MT activation rows from m0, groups [g0, g1); nsb super-blocks
+template <bool HIGH, int MT>
+void packed_q45_k(const uint8_t* P, int64_t nsb, const Q8Act& a, int64_t m0, float* y, int64_t N, int64_t g0,
+                  int64_t g1) {
+  constexpr int GB = HIGH ? 1440 : 1184, QS = K4_HEAD + 256 * HIGH;
+  const int64_t K = nsb * 256, nb = a.nb;
+  const int8_t* xq = a.q.data() + m0 * K;
+  const float* xd = a.d.data() + m0 * nb;
+  const float* xs = a.s.data() + m0 * nb;
+  const __m256i low4 = _mm256_set1_epi8(0x0F), bit4 = _mm256_set1_epi8(0x10);
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint8_t* pg = P + g * nsb * GB;
+    __m256 acc[MT], lin[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = lin[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nsb; ++b) {
+      const uint8_t* pb = pg + b * GB;
+      const __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(pb + K4_D)));
+      const __m256 dmin8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(pb + K4_DMIN)));
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {  // sub-block j = chunk 8b + j of the activation rows
+        __m256i isum[MT];
+        for (int m = 0; m < MT; ++m) isum[m] = _mm256_setzero_si256();
+        const int8_t* xc = xq + (8 * b + j) * 32;
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; ++i) {
+          const __m256i v = _mm256_loadu_si256((const __m256i*)(pb + QS + 32 * (8 * (j / 2) + i)));
+          __m256i u = _mm256_and_si256(j & 1 ? _mm256_srli_epi16(v, 4) : v, low4);
+          if constexpr (HIGH) {
+            const __m256i h = _mm256_loadu_si256((const __m256i*)(pb + K4_HEAD + 32 * i));
+            u = _mm256_or_si256(u, _mm256_and_si256(j <= 4 ? _mm256_slli_epi16(h, 4 - j) : _mm256_srli_epi16(h, j - 4), bit4));
+          }
+          for (int m = 0; m < MT; ++m) isum[m] = dot_acc(isum[m], u, broadcast4(xc + m * K + 4 * i));
+        }
+        const __m256 dsc = _mm256_mul_ps(d8, _mm256_cvtepi32_ps(u8_lanes(pb + K4_SC + 8 * j)));
+        const __m256 dmn = _mm256_mul_ps(dmin8, _mm256_cvtepi32_ps(u8_lanes(pb + K4_MN + 8 * j)));
+        for (int m = 0; m < MT; ++m) {
+          const int64_t c = m * nb + 8 * b + j;
+          acc[m] = _mm256_fmadd_ps(_mm256_mul_ps(dsc, _mm256_set1_ps(xd[c])), _mm256_cvtepi32_ps(isum[m]), acc[m]);
+          lin[m] = _mm256_fnmadd_ps(dmn, _mm256_set1_ps(xs[c]), lin[m]);
+        }
+      }
+    }
+    store_group(acc, lin, MT, y, m0, N, g);
+  }
+}
+
+// Q6_K, as packed_q45_k; needs a.s16 (sums_of_16)
+template <int MT>
+void packed_q6_k(const uint8_t* P, int64_t nsb, const Q8Act& a, int64_t m0, float* y, int64_t N, int64_t g0,
+                 int64_t g1) {
+  constexpr int GB = 1680;
+  const int64_t K = nsb * 256, nb = a.nb, n16 = K / 16;
+  const int8_t* xq = a.q.data() + m0 * K;
+  const float* xd = a.d.data() + m0 * nb;
+  const int32_t* x16 = a.s16.data() + m0 * n16;
+  const __m256i low4 = _mm256_set1_epi8(0x0F), high2 = _mm256_set1_epi8(0x30);
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint8_t* pg = P + g * nsb * GB;
+    __m256 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nsb; ++b) {
+      const uint8_t* pb = pg + b * GB;
+      const __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(pb + K6_D)));
+#pragma GCC unroll 8
+      for (int c = 0; c < 8; ++c) {  // chunk c: sub-blocks 2c (i = 0..3) and 2c + 1 (i = 4..7)
+        const int h = c / 4, k = c % 4;
+        const int8_t* xc = xq + (8 * b + c) * 32;
+#pragma GCC unroll 2
+        for (int s = 0; s < 2; ++s) {  // sub-block 2c + s: elements 16s..16s+15 of the chunk
+          __m256i isum[MT];  // starts at -32 * sum(qx): the codes' offset
+          for (int m = 0; m < MT; ++m) isum[m] = _mm256_set1_epi32(-32 * x16[m * n16 + 16 * b + 2 * c + s]);
+#pragma GCC unroll 4
+          for (int i = 4 * s; i < 4 * s + 4; ++i) {
+            const __m256i l = _mm256_loadu_si256((const __m256i*)(pb + K6_QL + 32 * (16 * h + 8 * (k % 2) + i)));
+            const __m256i q = _mm256_loadu_si256((const __m256i*)(pb + K6_QH + 32 * (8 * h + i)));
+            const __m256i lo = _mm256_and_si256(k / 2 ? _mm256_srli_epi16(l, 4) : l, low4);
+            const __m256i hi = k == 2 ? q : k < 2 ? _mm256_slli_epi16(q, 4 - 2 * k) : _mm256_srli_epi16(q, 2);
+            const __m256i u = _mm256_or_si256(lo, _mm256_and_si256(hi, high2));
+            for (int m = 0; m < MT; ++m) isum[m] = dot_acc(isum[m], u, broadcast4(xc + m * K + 4 * i));
+          }
+          const __m256 dsc = _mm256_mul_ps(d8, _mm256_cvtepi32_ps(i8_lanes(pb + K6_SC + 8 * (2 * c + s))));
+          for (int m = 0; m < MT; ++m)
+            acc[m] = _mm256_fmadd_ps(_mm256_mul_ps(dsc, _mm256_set1_ps(xd[m * nb + 8 * b + c])),
+                                     _mm256_cvtepi32_ps(isum[m]), acc[m]);
+        }
+      }
+    }
+    store_group(acc, nullptr, MT, y, m0, N, g);
+  }
+}
+#else
+// The plain C++ path: each row's super-block unpacked to the file's bytes, then decoded as qmatmul's
+// file-layout kernel decodes it (F::head, F::decode); the same operations for a row whatever MT is.
+template <class F, void (*UNPACK)(const uint8_t*, int, uint8_t*), int GB, int MT>
+void packed_k_plain(const uint8_t* P, int64_t nsb, const Q8Act& a, int64_t m0, float* y, int64_t N, int64_t g0,
+                    int64_t g1) {
+  const int64_t K = nsb * 256, nb = a.nb;
+  const int8_t* xq = a.q.data() + m0 * K;
+  const float* xd = a.d.data() + m0 * nb;
+  const float* xs = a.s.data() + m0 * nb;
+  for (int64_t g = g0; g < g1; ++g) {
+    float acc[MT][8] = {}, lin[MT][8] = {};
+    for (int64_t b = 0; b < nsb; ++b) {
+      const uint8_t* pb = P + (g * nsb + b) * GB;
+      for (int r = 0; r < 8; ++r) {
+        uint8_t blk[F::BYTES];
+        UNPACK(pb, r, blk);
+        typename F::Head hd;
+        F::head(blk, hd);
+        for (int j = 0; j < 8; ++j) {
+          Chunk ch;
+          F::decode(blk, hd, j, ch);
+          for (int m = 0; m < MT; ++m) {
+            const int64_t c = m * nb + 8 * b + j;
+            acc[m][r] += ch.dw * xd[c] * chunk_dot<F::kind>(ch, xq + m * K + (8 * b + j) * 32);
+            if constexpr (F::kind == UNSIGNED) lin[m][r] += ch.cw * xs[c];
+          }
+        }
+      }
+    }
+    for (int m = 0; m < MT; ++m)
+      for (int r = 0; r < 8 && 8 * g + r < N; ++r) y[(m0 + m) * N + 8 * g + r] = acc[m][r] + lin[m][r];
+  }
+}
+template <bool HIGH, int MT>
+void packed_q45_k(const uint8_t* P, int64_t nsb, const Q8Act& a, int64_t m0, float* y, int64_t N, int64_t g0,
+                  int64_t g1) {
+  using F = std::conditional_t<HIGH, FQ5_K, FQ4_K>;
+  packed_k_plain<F, &unpack_q45_k<HIGH>, HIGH ? 1440 : 1184, MT>(P, nsb, a, m0, y, N, g0, g1);
+}
+template <int MT>
+void packed_q6_k(const uint8_t* P, int64_t nsb, const Q8Act& a, int64_t m0, float* y, int64_t N, int64_t g0,
+                 int64_t g1) {
+  packed_k_plain<FQ6_K, &unpack_q6_k, 1680, MT>(P, nsb, a, m0, y, N, g0, g1);
+}
+#endif
+
+// ---- what repack / unpack / qmatmul_packed need of a format with a row-interleaved layout -------
+
+struct PackedFormat {
+  int qk, bytes, group_bytes;  // elements and bytes of one file block; bytes of 8 rows' blocks packed
+  void (*pack)(const uint8_t* src, int r, uint8_t* P);  // file block of lane r (null: zeros) -> P
+  void (*unpack)(const uint8_t* P, int r, uint8_t* dst);  // lane r of P -> the file block
+  PackedFn tile[4];                                       // MT = 1, 2, 4, 8
+  bool sums16;                                            // the kernel reads a.s16
+};
+
+template <bool MIN, bool HIGH, bool Q8>
+void pack_legacy(const uint8_t* src, int r, uint8_t* P) {
+  constexpr PackedLegacy f{MIN, HIGH, Q8, 18 + 2 * MIN + 4 * HIGH + 16 * Q8};
+  pack_block(f, src, r, P);
+}
+template <bool MIN, bool HIGH, bool Q8>
+void unpack_legacy(const uint8_t* P, int r, uint8_t* dst) {
+  constexpr PackedLegacy f{MIN, HIGH, Q8, 18 + 2 * MIN + 4 * HIGH + 16 * Q8};
+  unpack_block(f, P, r, dst);
+}
+template <bool MIN, bool HIGH, bool Q8>
+PackedFormat legacy_format() {
+  constexpr int bytes = 18 + 2 * MIN + 4 * HIGH + 16 * Q8;
+  PackedFormat p{32, bytes, 8 * bytes, &pack_legacy<MIN, HIGH, Q8>, &unpack_legacy<MIN, HIGH, Q8>, {}, false};
+  packed_tiles<MIN, HIGH, Q8>(p.tile);
+  return p;
+}
+template <bool HIGH>
+PackedFormat q45_k_format() {
+  return {256, HIGH ? 176 : 144, HIGH ? 1440 : 1184, &pack_q45_k<HIGH>, &unpack_q45_k<HIGH>,
+          {&packed_q45_k<HIGH, 1>, &packed_q45_k<HIGH, 2>, &packed_q45_k<HIGH, 4>, &packed_q45_k<HIGH, 8>}, false};
+}
+
+bool packed_lookup(int64_t qtype, PackedFormat& p) {
+  switch (qtype) {
+    case T_Q4_0: p = legacy_format<false, false, false>(); return true;
+    case T_Q4_1: p = legacy_format<true, false, false>(); return true;
+    case T_Q5_0: p = legacy_format<false, true, false>(); return true;
+    case T_Q5_1: p = legacy_format<true, true, false>(); return true;
+    case T_Q8_0: p = legacy_format<false, false, true>(); return true;
+    case T_Q4_K: p = q45_k_format<false>(); return true;
+    case T_Q5_K: p = q45_k_format<true>(); return true;
+    case T_Q6_K:
+      p = {256, 210, 1680, &pack_q6_k, &unpack_q6_k,
+           {&packed_q6_k<1>, &packed_q6_k<2>, &packed_q6_k<4>, &packed_q6_k<8>}, true};
+      return true;
+    default: return false;
+  }
+}
+
+// tiles of 1, 2, 4, 8 activation rows (4 at most without AVX512's 32 vector registers)
+#if defined(__AVX512F__) || !defined(__AVX2__)
+constexpr int MAX_TILE_LOG2 = 3;
+#else
+constexpr int MAX_TILE_LOG2 = 2;
+#endif
+
+}  // namespace
+
+// raw: the GGUF bytes of W (n_out, K) in a format with a row-interleaved layout -> the same bytes in the x8
+// layout (ceil(n_out / 8) groups; rows past n_out zero)
+at::Tensor repack(const at::Tensor& raw, int64_t qtype, int64_t n_out) {
+  PackedFormat f;
+  TORCH_CHECK(packed_lookup(qtype, f), "repack: ggml type ", qtype, " has no row-interleaved layout");
+  TORCH_CHECK(raw.device().is_cpu() && raw.scalar_type() == at::kByte && raw.dim() == 1 && raw.is_contiguous(),
+              "repack: raw must be a flat contiguous uint8 CPU tensor");
+  TORCH_CHECK(n_out > 0 && raw.numel() % n_out == 0 && (raw.numel() / n_out) % f.bytes == 0,
+              "repack: ", raw.numel(), " bytes are not ", n_out, " rows of whole ", f.bytes, "-byte blocks");
+  const int64_t nb = raw.numel() / n_out / f.bytes, groups = (n_out + 7) / 8;
+  at::Tensor packed = at::empty({groups * nb * f.group_bytes}, raw.options());
+  const uint8_t* src = raw.data_ptr<uint8_t>();
+  uint8_t* dst = packed.data_ptr<uint8_t>();
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t b = 0; b < nb; ++b)
+        for (int r = 0; r < 8; ++r) {
+          const int64_t row = 8 * g + r;
+          const uint8_t* blk = row < n_out ? src + (row * nb + b) * f.bytes : nullptr;
+          f.pack(blk, r, dst + (g * nb + b) * f.group_bytes);
+        }
+  });
+  return packed;
+}
+
+// packed (repack's layout) -> the GGUF bytes of rows [r0, r1), (r1 - r0) * row_bytes, exactly as in the file
+at::Tensor unpack(const at::Tensor& packed, int64_t qtype, int64_t n_out, int64_t r0, int64_t r1) {
+  PackedFormat f;
+  TORCH_CHECK(packed_lookup(qtype, f), "unpack: ggml type ", qtype, " has no row-interleaved layout");
+  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kByte && packed.dim() == 1 &&
+                  packed.is_contiguous(), "unpack: packed must be a flat contiguous uint8 CPU tensor");
+  TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= n_out, "unpack: rows [", r0, ", ", r1, ") are outside [0, ", n_out, ")");
+  const int64_t groups = (n_out + 7) / 8;
+  TORCH_CHECK(packed.numel() % (groups * f.group_bytes) == 0, "unpack: ", packed.numel(),
+              " bytes are not ", groups, " packed row groups");
+  const int64_t nb = packed.numel() / (groups * f.group_bytes);
+  at::Tensor raw = at::empty({(r1 - r0) * nb * f.bytes}, packed.options());
+  const uint8_t* src = packed.data_ptr<uint8_t>();
+  uint8_t* dst = raw.data_ptr<uint8_t>();
+  at::parallel_for(r0, r1, 64, [&](int64_t a0, int64_t a1) {
+    for (int64_t row = a0; row < a1; ++row)
+      for (int64_t b = 0; b < nb; ++b)
+        f.unpack(src + (row / 8 * nb + b) * f.group_bytes, (int)(row % 8), dst + ((row - r0) * nb + b) * f.bytes);
+  });
+  return raw;
+}
+
+// x (M, K) fp32, packed: W (n_out, K) in repack's layout -> y (M, n_out) fp32; levels as qmatmul's
+at::Tensor qmatmul_packed(const at::Tensor& x, const at::Tensor& packed, int64_t qtype, int64_t n_out, int64_t levels) {
+  PackedFormat f;
+  TORCH_CHECK(packed_lookup(qtype, f), "qmatmul_packed: ggml type ", qtype, " has no row-interleaved layout");
+  TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu(), "qmatmul_packed: tensors must be on the CPU");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "qmatmul_packed: x must be 2-D (M, K) float32");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 1 && packed.is_contiguous(),
+              "qmatmul_packed: packed must be a flat contiguous uint8 tensor");
+  TORCH_CHECK(n_out > 0, "qmatmul_packed: n_out must be > 0, got ", n_out);
+  TORCH_CHECK(levels == 1 || levels == 2, "qmatmul_packed: levels must be 1 or 2, got ", levels);
+  const int64_t M = x.size(0), K = x.size(1), groups = (n_out + 7) / 8;
+  TORCH_CHECK(K > 0 && K % f.qk == 0, "qmatmul_packed: K = ", K, " is not a positive multiple of the block size ",
+              f.qk);
+  const int64_t nb = K / f.qk, need = groups * nb * f.group_bytes;
+  TORCH_CHECK(packed.numel() == need, "qmatmul_packed: W (", n_out, ", ", K, ") packed needs ", need, " bytes, got ",
+              packed.numel());
+  const PackedFn* tiles = f.tile;
+
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({M, n_out}, x.options());
+  if (M == 0) return y;
+  Q8Act a;
+  quantize_rows(xc.data_ptr<float>(), M, K, (int)levels, a);
+  if (f.sums16) sums_of_16(a, K);
+  const uint8_t* W = packed.data_ptr<uint8_t>();
+  at::Tensor y_act = levels == 1 ? y : at::empty({a.M, n_out}, x.options());
+  float* yp = y_act.data_ptr<float>();
+  const int64_t group_bytes = nb * f.group_bytes;
+  const int64_t grain = std::max<int64_t>(1, 32768 / group_bytes);  // groups per task: ~32 KiB of weights
+  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+    for (int64_t p0 = g0; p0 < g1; p0 += grain) {  // a panel of groups stays in cache across the row tiles
+      const int64_t p1 = std::min(g1, p0 + grain);
+      for (int64_t m0 = 0; m0 < a.M;) {
+        const int64_t left = a.M - m0;
+        int t = left >= 8 ? 3 : left >= 4 ? 2 : left >= 2 ? 1 : 0;
+        t = std::min(t, MAX_TILE_LOG2);
+        tiles[t](W, nb, a, m0, yp, n_out, p0, p1);
+        m0 += int64_t(1) << t;
+      }
+    }
+  });
+  if (levels == 2) {
+    const float* ya = y_act.data_ptr<float>();
+    float* yo = y.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < n_out; ++n) yo[m * n_out + n] = ya[2 * m * n_out + n] + ya[(2 * m + 1) * n_out + n];
+  }
+  return y;
+}
+
+TORCH_LIBRARY_FRAGMENT(GGUFLM_NS, m) {
+  m.def("repack(Tensor raw, int qtype, int n_out) -> Tensor", &repack);
+  m.def("unpack(Tensor packed, int qtype, int n_out, int r0, int r1) -> Tensor", &unpack);
+  m.def("qmatmul_packed(Tensor x, Tensor packed, int qtype, int n_out, int levels=1) -> Tensor", &qmatmul_packed);
+}
