@@ -106,10 +106,8 @@ def _check(
 CASES = [(qt, k) for qt in LEGACY for k in (256, 640, 2048)] + [
     (qt, k) for qt in K_QUANTS for k in (256, 2048)
 ]
-# the file's layout for every format; the row-interleaved copy (repack) for kernels.REPACKED
-LAYOUTS = [(qt, k, "file") for qt, k in CASES] + [
-    (qt, k, "packed") for qt, k in CASES if qt in kernels.REPACKED
-]
+# every format on the file's layout (qmatmul) and on the row-interleaved copy (repack, qmatmul_packed)
+LAYOUTS = [(qt, k, layout) for layout in ("file", "packed") for qt, k in CASES]
 LAYOUT_IDS = [f"{qt.name}-K{k}-{layout}" for qt, k, layout in LAYOUTS]
 
 
@@ -134,7 +132,7 @@ def test_matmul_matches_dequantized_reference(path: str, m: int, qtype: QT, k: i
 
 
 @pytest.mark.parametrize("path", _paths())
-@pytest.mark.parametrize("qtype", sorted(kernels.REPACKED), ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", sorted(kernels.SUPPORTED), ids=lambda t: t.name)
 def test_repack_moves_bytes_and_unpack_gives_them_back(path: str, qtype: QT) -> None:
     """Any bytes (random codes, scales, mins and 5th bits; the K-quants' packed 6-bit scales too, which the
     layout keeps decoded) survive repack + unpack exactly, whole or any row range; the packed copy is the
@@ -188,8 +186,7 @@ def test_matmul_on_real_gemma3_tensors(gemma3: GGUFFile, path: str, name: str) -
     n, k = t.shape
     x = torch.randn(16, k, generator=torch.Generator().manual_seed(7))
     _check(mod.qmatmul(x, t.data, int(t.qtype), n), x, t.data, t.qtype, n)
-    if t.qtype in kernels.REPACKED:
-        _check(_product(mod, "packed", x, t.data, t.qtype, n), x, t.data, t.qtype, n)
+    _check(_product(mod, "packed", x, t.data, t.qtype, n), x, t.data, t.qtype, n)
 
 
 @pytest.mark.parametrize("path", _paths())
@@ -302,9 +299,7 @@ def test_f16_scales_zero_subnormal_negative_large(path: str) -> None:
     assert (w[1].abs().max() > 0) and (w[1].abs().max() < 1e-4)  # row 1 really has subnormal scales
 
 
-INVARIANCE = [(qt, "file") for qt in sorted(kernels.SUPPORTED)] + [
-    (qt, "packed") for qt in sorted(kernels.REPACKED)
-]
+INVARIANCE = [(qt, layout) for layout in ("file", "packed") for qt in sorted(kernels.SUPPORTED)]
 
 
 @pytest.mark.parametrize("path", _paths())

@@ -296,11 +296,11 @@ def test_concat_equals_separate_matmuls(qtype: QT, mode: str) -> None:
     assert torch.equal(fused.rows(ids), w[ids])
 
 
-@pytest.mark.parametrize("qtype", sorted(kernels.REPACKED), ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", sorted(kernels.SUPPORTED), ids=lambda t: t.name)
 def test_repacked_weights_give_prefill_the_files_exact_values(
     qtype: QT, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With the native kernels the fast mode keeps 8-row-interleaved copies of the REPACKED formats (the
+    """With the native kernels the fast mode keeps 8-row-interleaved copies of the SUPPORTED formats (the
     K-quants' with their 6-bit scales decoded); prefill's dequantized chunks (more rows than the kernels
     take) come out of that copy, and must be exactly the file's values, part boundaries and a partial
     last group of rows included."""

@@ -437,7 +437,7 @@ class QuantizedLinear(torch.nn.Module):
               bytes used as they are, activations quantized to 8 bits per block, integer dot products
               (AVX512-VNNI / AVX2), for any number of rows (on AMX machines up to NATIVE_MAX_ROWS,
               above that as "int4" does). Parts (fused q/k/v, gate/up) are copied into one buffer at
-              load: one call, no file pages; the 32-element formats row-interleaved (kernels.REPACKED).
+              load, 8 rows' blocks side by side: one call, no file pages.
       "int4"  Q4_0/Q4_1/Q4_K as one int4 plane; Q5_0/Q5_1/Q5_K/Q8_0 as two (the 5/8-bit code split into
               nibbles, scales 1 and 16); Q2_K/Q3_K as one plane, each 16-wide group padded to 32. The fallback
               where there are no native kernels (GGUFLM_KERNELS=torch, no compiler). Runs
@@ -546,9 +546,7 @@ class QuantizedLinear(torch.nn.Module):
             bias = bias.to(self.device, torch.float32)
         self.bias = bias
         self._int4: _Int4Weight | None = None
-        self._unpack: Callable[..., torch.Tensor] | None = (
-            None  # the native kernels' repacked layout -> file bytes
-        )
+        self._unpack: Callable[..., torch.Tensor] | None = None  # native: the repacked copy -> file bytes
         self.packed_max_rows = 0  # rows up to which the native or int4 kernel runs (then dequantized chunks)
         self._prefill_dtype = prefill_dtype()  # of those dequantized chunks: decided once, by the CPU
         self._weight: torch.Tensor | None = None  # (out, in) bf16 or fp32 for the "bf16"/"f32" kernels
@@ -565,43 +563,36 @@ class QuantizedLinear(torch.nn.Module):
             native = kernels.native() if self.device.type == "cpu" else None
             if native is None or self.qtype not in kernels.SUPPORTED:
                 raise ValueError(f"no native kernel for {self.qtype.name} on {self.device} here")
-            self._qmatmul = native.qmatmul
             self._levels = activation_levels()  # 8-bit codes per activation: 1 (llama.cpp's) or 2
-            file_parts = self._parts
-            if len(self._parts) > 1:  # parts stacked in one buffer: one call, activations quantized once
-                self._raw = torch.cat([raw for raw, _ in self._parts])
-                # the parts become views of it: the file's pages are not read again (prefill's chunks)
-                ends = torch.tensor([raw.numel() for raw, _ in self._parts]).cumsum(0).tolist()
-                self._parts = [
-                    (self._raw[end - raw.numel() : end], n)
-                    for (raw, n), end in zip(self._parts, ends, strict=True)
-                ]
-            else:
-                self._raw = self._parts[0][0]
-            if self.qtype in kernels.REPACKED:  # 8 rows' blocks side by side: 2-3x faster products
-                self._raw = self._repacked(native.repack, release)
-                self._qmatmul = native.qmatmul_packed
-                self._unpack = native.unpack
-                # rows() reads single rows from the file; prefill's chunks come from the packed copy
-                self._parts = file_parts
+            # parts stacked in one buffer (one call, activations quantized once), copied with 8 rows' blocks
+            # side by side (kernels/packed.cpp); rows() reads single rows of the file, prefill's chunks
+            # come out of the copy (unpack)
+            raw = self._parts[0][0] if len(self._parts) == 1 else torch.cat([raw for raw, _ in self._parts])
+            self._raw = self._repacked(native.repack, raw, release)
+            self._qmatmul = native.qmatmul_packed
+            self._unpack = native.unpack
             # every row count through the int8 kernels, but on AMX: there bf16 chunks for prefill
             self.packed_max_rows = NATIVE_MAX_ROWS if dequantized_prefill() else ALL_ROWS
         elif self.kernel in ("bf16", "f32"):
             self._weight = self._dense(torch.bfloat16 if self.kernel == "bf16" else torch.float32)
 
     def _repacked(
-        self, repack: Callable[..., torch.Tensor], release: Callable[[torch.Tensor], None] | None
+        self,
+        repack: Callable[..., torch.Tensor],
+        raw: torch.Tensor,
+        release: Callable[[torch.Tensor], None] | None,
     ) -> torch.Tensor:
-        """The native kernels' row-interleaved copy of `_raw`, made _REPACK_CHUNK_BYTES of rows at a time
-        (whole groups of 8 rows), each chunk's file bytes handed to `release` once copied."""
+        """The native kernels' row-interleaved copy of `raw` (all rows' file bytes), made
+        _REPACK_CHUNK_BYTES of rows at a time (whole groups of 8 rows), each chunk handed to `release`
+        once copied."""
         n, row_bytes, qtype = self.out_features, self._row_bytes, int(self.qtype)
         step = max(8, _REPACK_CHUNK_BYTES // row_bytes // 8 * 8)
         if release is None or n <= step:
-            return repack(self._raw, qtype, n)
+            return repack(raw, qtype, n)
         packed = torch.empty((n + 7) // 8 * 8 * row_bytes, dtype=torch.uint8, device=self.device)
         for r0 in range(0, n, step):
             r1 = min(n, r0 + step)
-            chunk = self._raw[r0 * row_bytes : r1 * row_bytes]
+            chunk = raw[r0 * row_bytes : r1 * row_bytes]
             part = repack(chunk, qtype, r1 - r0)  # rows past r1 padded: only in the last chunk
             packed[r0 * row_bytes : r0 * row_bytes + part.numel()] = part
             release(chunk)
@@ -728,14 +719,14 @@ class QuantizedLinear(torch.nn.Module):
         return y
 
     def native_run(self) -> tuple[torch.Tensor, list[int]] | None:
-        """(weight bytes, [ggml type, output rows, 1 if repacked, activation levels]): how
-        kernels.decode_layer computes `mm`'s products; None where `mm` does not run on the native kernels."""
+        """(repacked weight, [ggml type, output rows, activation levels]): how kernels.decode_layer computes
+        `mm`'s products; None where `mm` does not run on the native kernels."""
         if self.kernel != "native":
             return None
-        return self._raw, [int(self.qtype), self.out_features, int(self._unpack is not None), self._levels]
+        return self._raw, [int(self.qtype), self.out_features, self._levels]
 
     def _native_mm(self, x2: torch.Tensor) -> torch.Tensor:
-        """(M, in) fp32 -> (M, out) fp32 through the native kernels, straight from the GGUF bytes."""
+        """(M, in) fp32 -> (M, out) fp32 through the native kernels, on the repacked copy."""
         return self._qmatmul(x2.float(), self._raw, int(self.qtype), self.out_features, self._levels)
 
     def _int4_mm(self, xb: torch.Tensor) -> torch.Tensor:

@@ -38,15 +38,16 @@ from gguflm.cpu import kernel_choice
 QT = gguf.GGMLQuantizationType
 
 SUPPORTED: frozenset[QT] = frozenset({QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K})
-# formats with a row-interleaved layout (repack / qmatmul_packed): 8 rows' blocks side by side (qmatmul.cpp)
-REPACKED: frozenset[QT] = frozenset({QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K})
 VARIANTS: dict[str, list[str]] = {  # GGUFLM_KERNELS value -> -march flags
     "auto": ["-march=native"],
     "avx2": ["-march=haswell"],  # AVX2 + FMA + F16C, no AVX512
     "generic": ["-march=x86-64"],  # no AVX2: the plain C++ path
 }
 SOURCES = ("qmatmul.cpp", "packed.cpp", "attention.cpp", "rowwise.cpp", "layer.cpp")
-HEADERS = ("qmatmul.h", "vec_math.h")  # included by the sources: hashed into the build key, copied beside them
+HEADERS = (
+    "qmatmul.h",
+    "vec_math.h",
+)  # included by the sources: hashed into the build key, copied beside them
 _CPU_FLAGS = (
     "avx2",
     "fma",
@@ -92,7 +93,7 @@ def _build_key(flags: list[str]) -> str:
 
 class NativeKernels:
     """One build's operators (registered as torch.ops.<ns>): `qmatmul(x, raw, qtype, n_out, levels=1)`
-    (qmatmul.cpp); for the REPACKED formats `repack(raw, qtype, n_out)`, its inverse
+    (qmatmul.cpp); for every SUPPORTED format `repack(raw, qtype, n_out)` (8 rows' blocks side by side), its inverse
     `unpack(packed, qtype, n_out, r0, r1)` and `qmatmul_packed(x, packed, qtype, n_out, levels=1)`
     (packed.cpp); the decode
     attention pair `rope_store` and `attend_cells` (attention.cpp), `rms_norm` and `gated` (rowwise.cpp), a whole

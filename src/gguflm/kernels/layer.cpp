@@ -12,8 +12,8 @@
 //   x = x + [post_ffn_norm](down(act(gate) * up))   act: SiLU, or GELU (tanh) for Gemma
 //
 // A linear is given as its runs (the parts stored in one format, see models/base.py's Linear): one weight
-// tensor per run and four ints per run in `spec` (ggml type, output rows, 1 if in qmatmul_packed's layout,
-// activation levels).
+// tensor per run (repacked: qmatmul_packed's layout) and three ints per run in `spec` (ggml type, output
+// rows, activation levels).
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -21,7 +21,6 @@
 #include <vector>
 
 // the kernels of qmatmul.cpp, attention.cpp and rowwise.cpp
-at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& raw, int64_t qtype, int64_t n_out, int64_t levels);
 at::Tensor qmatmul_packed(const at::Tensor& x, const at::Tensor& packed, int64_t qtype, int64_t n_out, int64_t levels);
 at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& rot, const c10::optional<at::Tensor>& q_norm,
                       const c10::optional<at::Tensor>& k_norm, double eps, at::Tensor k_cache, at::Tensor v_cache,
@@ -35,12 +34,9 @@ namespace {
 
 // x (T, in) -> (T, out): the runs' products side by side
 at::Tensor linear(const at::Tensor& x, at::TensorList w, at::IntArrayRef spec) {
-  TORCH_CHECK(!w.empty() && spec.size() == 4 * w.size(), "decode_layer: a linear needs 4 spec ints per run");
+  TORCH_CHECK(!w.empty() && spec.size() == 3 * w.size(), "decode_layer: a linear needs 3 spec ints per run");
   std::vector<at::Tensor> outs;
-  for (size_t i = 0; i < w.size(); ++i) {
-    const int64_t qtype = spec[4 * i], n_out = spec[4 * i + 1], packed = spec[4 * i + 2], levels = spec[4 * i + 3];
-    outs.push_back(packed ? qmatmul_packed(x, w[i], qtype, n_out, levels) : qmatmul(x, w[i], qtype, n_out, levels));
-  }
+  for (size_t i = 0; i < w.size(); ++i) outs.push_back(qmatmul_packed(x, w[i], spec[3 * i], spec[3 * i + 1], spec[3 * i + 2]));
   return outs.size() == 1 ? outs[0] : at::cat(outs, 1);
 }
 

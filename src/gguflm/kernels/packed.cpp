@@ -101,6 +101,18 @@ void unpack_block(const PackedLegacy& f, const uint8_t* P, int r, uint8_t* dst) 
     for (int i = 0; i < 32; ++i) qs[i] ^= 0x80;
 }
 
+#if defined(__AVX2__)
+// a row group's 8 outputs (acc + lin) of each of MT activation rows; the last group may be partial
+inline void store_group(const __m256* acc, const __m256* lin, int MT, float* y, int64_t m0, int64_t N, int64_t g) {
+  for (int m = 0; m < MT; ++m) {
+    float out[8];
+    _mm256_storeu_ps(out, lin ? _mm256_add_ps(acc[m], lin[m]) : acc[m]);
+    const int64_t n0 = 8 * g, n = std::min<int64_t>(8, N - n0);
+    std::memcpy(y + (m0 + m) * N + n0, out, n * sizeof(float));
+  }
+}
+#endif
+
 // The packed kernel for format (MIN, HIGH, Q8) and a tile of MT activation rows from m0: y[m, 8g + r] for
 // groups [g0, g1). Per block, each activation row's integer sums of the 8 weight rows build up in one
 // vector (exact, so the order of the dot products does not matter); then, in block order,
@@ -166,12 +178,7 @@ void packed_kernel(const uint8_t* P, int64_t nb, const Q8Act& a, int64_t m0, flo
         if constexpr (MIN) lin[m] = _mm256_fmadd_ps(m8, _mm256_set1_ps(xs[m * nb + b]), lin[m]);
       }
     }
-    for (int m = 0; m < MT; ++m) {
-      float out[8];
-      _mm256_storeu_ps(out, _mm256_add_ps(acc[m], lin[m]));
-      const int64_t n0 = 8 * g, n = std::min<int64_t>(8, N - n0);
-      std::memcpy(y + (m0 + m) * N + n0, out, n * sizeof(float));
-    }
+    store_group(acc, lin, MT, y, m0, N, g);
 #else
     float acc[MT][8] = {}, lin[MT][8] = {};
     for (int64_t b = 0; b < nb; ++b) {
@@ -335,15 +342,6 @@ void sums_of_16(Q8Act& a, int64_t K) {
 }
 
 #if defined(__AVX2__)
-inline void store_group(const __m256* acc, const __m256* lin, int MT, float* y, int64_t m0, int64_t N, int64_t g) {
-  for (int m = 0; m < MT; ++m) {
-    float out[8];
-    _mm256_storeu_ps(out, lin ? _mm256_add_ps(acc[m], lin[m]) : acc[m]);
-    const int64_t n0 = 8 * g, n = std::min<int64_t>(8, N - n0);
-    std::memcpy(y + (m0 + m) * N + n0, out, n * sizeof(float));
-  }
-}
-
 // 8 bytes at p -> 8 int32 lanes, zero- or sign-extended
 inline __m256i u8_lanes(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)); }
 inline __m256i i8_lanes(const uint8_t* p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)); }

@@ -60,7 +60,7 @@ class Linear:
         return torch.cat([r.mm(x.to(r.input_dtype(x.shape[0]))).float() for r in self.runs], dim=-1)
 
     def native_runs(self) -> tuple[list[torch.Tensor], list[int], torch.Tensor | None] | None:
-        """The runs as kernels.decode_layer takes a linear: weights, 4 ints per run (QuantizedLinear.native_run)
+        """The runs as kernels.decode_layer takes a linear: weights, 3 ints per run (QuantizedLinear.native_run)
         and the runs' biases concatenated; None where a run is not on the native kernels."""
         runs = [r.native_run() for r in self.runs]
         if any(run is None for run in runs):
