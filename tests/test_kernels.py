@@ -132,6 +132,30 @@ def test_matmul_matches_dequantized_reference(path: str, m: int, qtype: QT, k: i
 
 
 @pytest.mark.parametrize("path", _paths())
+@pytest.mark.parametrize("m", [3, 300])
+def test_activation_codes_are_ggml_q8_0s(path: str, m: int) -> None:
+    """The activations' codes are gguf-py's Q8_0 codes (round half to even of x / d, d = max|x_b| / 127 in
+    fp32), the scales d themselves in fp32: the product then equals those codes' exact product up to fp32
+    rounding, far inside the activation-rounding bound a code off by one would break. m = 300: rows
+    quantized on several threads."""
+    mod = _module(path)
+    n, k = 40, 640
+    raw = _weights(QT.Q8_0, n, k, seed=5)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    x[1, 32:64] = 0.0  # a zero block: d = 0
+    x[2, 64:96] = torch.arange(32) - 15.5  # halves: x / d lands on .5 exactly where d = 16.5 / 127
+    blocks = x.numpy().reshape(m * k // 32, 32)
+    codes = quantize(blocks, QT.Q8_0)[:, 2:].view(np.int8).astype(np.float64)  # (m k / 32, 32)
+    d = (np.abs(blocks).max(axis=1, keepdims=True) / np.float32(127)).astype(np.float64)  # fp32 scale
+    xq = torch.from_numpy((codes * d).reshape(m, k))
+    w = quants.dequantize(raw, QT.Q8_0, (n, k)).double()  # (n, k)
+    ref = xq @ w.T  # (m, n)
+    slack = 1e-6 * (xq.abs() @ w.abs().T) + 1e-30  # fp32 sums: ~4e-8; one code off by one: ~1e-4
+    for y in (mod.qmatmul(x, raw, int(QT.Q8_0), n), _product(mod, "packed", x, raw, QT.Q8_0, n)):
+        assert ((y.double() - ref).abs() <= slack).all()
+
+
+@pytest.mark.parametrize("path", _paths())
 @pytest.mark.parametrize("qtype", sorted(kernels.SUPPORTED), ids=lambda t: t.name)
 def test_repack_moves_bytes_and_unpack_gives_them_back(path: str, qtype: QT) -> None:
     """Any bytes (random codes, scales, mins and 5th bits; the K-quants' packed 6-bit scales too, which the

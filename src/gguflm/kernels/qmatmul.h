@@ -81,6 +81,33 @@ struct Q8Act {
 
 // 32 values -> codes q = round(x / d), d = max|x| / 127; returns d, sets *sum to the codes' sum
 inline float quantize_block(const float* xb, int8_t* qb, int* sum) {
+#if defined(__AVX2__)
+  // the same arithmetic 8 lanes at a time: cvtps rounds half to even (MXCSR's default), as nearbyint does
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 v[4], vmax = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(xb + 8 * i);
+    vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, v[i]));
+  }
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+  const float d = amax / 127.f;
+  const __m256 id = _mm256_set1_ps(d ? 1.f / d : 0.f);
+  __m256i q[4], total = _mm256_setzero_si256();
+  for (int i = 0; i < 4; ++i) {
+    q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], id));
+    total = _mm256_add_epi32(total, q[i]);
+  }
+  // int32 -> int8 (|q| <= 127: no saturation); packs work per 128-bit lane, the permute restores order
+  const __m256i q16 = _mm256_packs_epi32(q[0], q[1]), r16 = _mm256_packs_epi32(q[2], q[3]);
+  const __m256i q8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(q16, r16), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  _mm256_storeu_si256((__m256i*)qb, q8);
+  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+  *sum = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1)));
+  return d;
+#else
   float amax = 0.f;
   for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xb[i]));
   const float d = amax / 127.f;
@@ -92,6 +119,7 @@ inline float quantize_block(const float* xb, int8_t* qb, int* sum) {
     *sum += v;
   }
   return d;
+#endif
 }
 
 // levels = 1: row m of x -> activation row m (llama.cpp's Q8 activations).
@@ -105,8 +133,11 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int levels, Q8Act& a) {
   a.d.resize(a.M * a.nb);
   a.s.resize(a.M * a.nb);
   a.si.resize(a.M * a.nb);
+  // rows in parallel for a prefill (serial it was an eighth of a 512-row product); a decode's few rows
+  // stay on the calling thread (grain): each row's codes are the same either way
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
   float rest[32];
-  for (int64_t m = 0; m < M; ++m) {
+  for (int64_t m = m0; m < m1; ++m) {
     for (int64_t b = 0; b < a.nb; ++b) {
       const float* xb = x + m * K + b * 32;
       const int64_t r = m * levels;  // the first activation row of x's row m
@@ -126,6 +157,7 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int levels, Q8Act& a) {
       }
     }
   }
+  });
 }
 
 // One decoded 32-element chunk of a weight row.
