@@ -330,7 +330,7 @@ INVARIANCE = [(qt, layout) for layout in ("file", "packed") for qt in sorted(ker
 @pytest.mark.parametrize(("qtype", "layout"), INVARIANCE, ids=[f"{qt.name}-{lay}" for qt, lay in INVARIANCE])
 def test_a_rows_result_does_not_depend_on_what_shares_the_call(path: str, qtype: QT, layout: str) -> None:
     """Bit-identical rows whatever the batch (1..16 rows, any tile split): sequences decoded in parallel
-    must get the logits they get alone."""
+    must get the logits they get alone. Bit-identical outputs whatever weight rows share the matrix."""
     mod = _module(path)
     k, n = 512, 83
     raw = _weights(qtype, n, k, seed=5)
@@ -340,6 +340,11 @@ def test_a_rows_result_does_not_depend_on_what_shares_the_call(path: str, qtype:
         for start in range(0, 16 - rows + 1, 3):
             part = _product(mod, layout, x[start : start + rows].contiguous(), raw, qtype, n)
             assert torch.equal(part, full[start : start + rows]), (rows, start)
+    # nor on the weight rows beside it: 8-row groups alone, in pairs (512-bit kernels) or last and partial
+    row_bytes = raw.numel() // n
+    for r0, r1 in ((0, 8), (8, 24), (16, 83), (72, 83), (80, 83)):
+        part = _product(mod, layout, x, raw[r0 * row_bytes : r1 * row_bytes].contiguous(), qtype, r1 - r0)
+        assert torch.equal(part, full[:, r0:r1]), (r0, r1)
 
 
 # ---- decode attention, RMSNorm and gated activations (attention.cpp, rowwise.cpp) against float64 torch -----------------
