@@ -340,11 +340,15 @@ def test_a_rows_result_does_not_depend_on_what_shares_the_call(path: str, qtype:
         for start in range(0, 16 - rows + 1, 3):
             part = _product(mod, layout, x[start : start + rows].contiguous(), raw, qtype, n)
             assert torch.equal(part, full[start : start + rows]), (rows, start)
-    # nor on the weight rows beside it: 8-row groups alone, in pairs (512-bit kernels) or last and partial
+    # a prefill-sized call (64+ rows: groups in pairs on 512-bit VNNI) gives a row the same bits too, and
+    # so does any set of weight rows beside it: 8-row groups alone, paired, or last and partial
+    x = torch.cat((x, torch.randn(54, k, generator=torch.Generator().manual_seed(8))))  # (70, k)
+    wide = _product(mod, layout, x, raw, qtype, n)
+    assert torch.equal(wide[:16], full)
     row_bytes = raw.numel() // n
     for r0, r1 in ((0, 8), (8, 24), (16, 83), (72, 83), (80, 83)):
         part = _product(mod, layout, x, raw[r0 * row_bytes : r1 * row_bytes].contiguous(), qtype, r1 - r0)
-        assert torch.equal(part, full[:, r0:r1]), (r0, r1)
+        assert torch.equal(part, wide[:, r0:r1]), (r0, r1)
 
 
 # ---- decode attention, RMSNorm and gated activations (attention.cpp, rowwise.cpp) against float64 torch -----------------
