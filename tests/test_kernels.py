@@ -373,14 +373,19 @@ def _attention_reference(
 
 @pytest.mark.parametrize("path", _paths())
 @pytest.mark.parametrize("softcap", [0.0, 20.0])
-def test_attend_cells_matches_float64_attention(path: str, softcap: float) -> None:
+@pytest.mark.parametrize("cache", [torch.float32, torch.float16], ids=["f32", "f16"])
+def test_attend_cells_matches_float64_attention(path: str, softcap: float, cache: torch.dtype) -> None:
     """Two sets of three rows over 20 cells each (shuffled cache cells), grouped KV heads, random masks
-    with a fully masked row; rows outside the sets are left as they were."""
+    with a fully masked row; rows outside the sets are left as they were. An fp16 cache: the reference
+    takes the same fp16 values."""
     mod = _module(path)
     g = torch.Generator().manual_seed(3)
     T, n_head, n_kv, hd, n_ctx = 8, 6, 2, 64, 48
     q = torch.randn(T, n_head, hd, generator=g)
-    k, v = torch.randn(n_ctx, n_kv, hd, generator=g), torch.randn(n_ctx, n_kv, hd, generator=g)
+    k, v = (
+        torch.randn(n_ctx, n_kv, hd, generator=g).to(cache),
+        torch.randn(n_ctx, n_kv, hd, generator=g).to(cache),
+    )
     rows = torch.tensor([[0, 2, 4], [7, 1, 3]])
     cells = torch.randperm(n_ctx, generator=g)[:40].view(2, 20)
     mask = torch.rand(2, 3, 20, generator=g) < 0.6
@@ -452,7 +457,8 @@ def _rope_reference(x: torch.Tensor, pos: torch.Tensor, theta: torch.Tensor, rd:
 @pytest.mark.parametrize(("rd", "norms"), [(64, False), (32, False), (64, True)])
 def test_rope_store_matches_float64(path: str, rd: int, norms: bool) -> None:
     """q/k RMSNorm per head (Qwen 3, Gemma 3), rope over all or part of a head (partial rotary), and k, v
-    written to the given cells; no other cell changes."""
+    written to the given cells; no other cell changes. An fp16 cache gets the fp32 cache's values rounded
+    as torch rounds them (what the Python path writes)."""
     from gguflm.models.rope import Rope
 
     mod = _module(path)
@@ -482,6 +488,9 @@ def test_rope_store_matches_float64(path: str, rd: int, norms: bool) -> None:
     assert torch.equal(v_cache[cells], want_v.float())
     others = torch.tensor([c for c in range(n_ctx) if c not in cells.tolist()])
     assert (k_cache[others] == 3.0).all() and (v_cache[others] == 3.0).all()
+    k16, v16 = k_cache.half().fill_(3.0), v_cache.half().fill_(3.0)
+    assert torch.equal(mod.rope_store(qkv, rotation, q_norm, k_norm, 1e-6, k16, v16, cells, n_head), q)
+    assert torch.equal(k16, k_cache.half()) and torch.equal(v16, v_cache.half())
 
 
 @pytest.mark.parametrize("path", _paths())

@@ -67,11 +67,13 @@ class Context:
         n_seq_max: int = 1,
         embeddings: bool = False,
         pooling: str = "none",
-        kv_dtype: torch.dtype = torch.float32,
+        kv_dtype: torch.dtype | None = None,
         exit_layer: int | None = None,
     ) -> None:
         """exit_layer L: every decode runs only layers 0..L-1, then the final norm and the output head
-        (early exit: a smaller, less accurate model; the KV cache holds those L layers only)."""
+        (early exit: a smaller, less accurate model; the KV cache holds those L layers only).
+        kv_dtype: the cache's; by default float16 where the native kernels run (llama.cpp's default cache
+        type: half the bytes a decode step's attention reads), else float32 (reference mode, torch)."""
         if pooling not in POOLING_TYPES:
             raise ValueError(f"unknown pooling {pooling!r} (expected one of {', '.join(POOLING_TYPES)})")
         if pooling == "rank":
@@ -109,7 +111,7 @@ class Context:
             head_dim=args.head_dim,
             n_seq_max=n_seq_max,
             shift_keys=self._shift_keys,
-            dtype=kv_dtype,
+            dtype=kv_dtype or (torch.float16 if model.transformer.kernels is not None else torch.float32),
             device=model.transformer.device,
         )
         self._out_row = np.zeros(0, dtype=np.int64)  # batch index -> output row, -1 when not an output

@@ -10,7 +10,7 @@
 // arithmetic depends only on that row's query and the cells it sees, in the order given (the caller
 // passes each sequence set's cells in position order), never on the other rows or masked cells.
 //
-// Layouts (all fp32, contiguous):
+// Layouts (contiguous; fp32 but for the caches, which are fp32 or fp16):
 //   qkv      (T, (n_head + 2 n_head_kv) hd)  the fused projection: q heads, k heads, v heads
 //   rot      (T, rd/2, 2)                    mscale (cos, sin) of each rope pair at the row's position
 //   k_cache  (n_ctx, n_head_kv, hd)          one layer of the KV cache, written in place
@@ -28,6 +28,10 @@
 #include <vector>
 
 #include "vec_math.h"
+
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -66,6 +70,43 @@ void check_f32(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
+// The KV cache holds float32 or IEEE half (llama.cpp's default cache type: half the bytes a decode step's
+// attention reads). Both caches of a layer have one dtype.
+void check_caches(const at::Tensor& k_cache, const at::Tensor& v_cache) {
+  for (const at::Tensor* t : {&k_cache, &v_cache}) {
+    TORCH_CHECK(t->device().is_cpu(), "caches must be on the CPU");
+    TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kHalf,
+                "caches must be float32 or float16, got ", t->scalar_type());
+    TORCH_CHECK(t->dim() == 3 && t->is_contiguous(), "caches must be contiguous (n_ctx, n_head_kv, head_dim)");
+  }
+  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "k_cache and v_cache must have one dtype");
+}
+
+// a cache row as floats: the row itself (float32), or converted into buf (half)
+inline const float* as_floats(const float* row, float*, int64_t) { return row; }
+inline const float* as_floats(const at::Half* row, float* buf, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__) && defined(__AVX__)
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(buf + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(row + i))));
+#endif
+  for (; i < n; ++i) buf[i] = float(row[i]);
+  return buf;
+}
+
+// floats -> a cache row, rounded to nearest even for half (as torch's .to(float16), so the Python path
+// writes the same cache)
+inline void store_row(const float* src, float* dst, int64_t n) {
+  if (src != dst) std::copy(src, src + n, dst);
+}
+inline void store_row(const float* src, at::Half* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__) && defined(__AVX__)
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128((__m128i*)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+  for (; i < n; ++i) dst[i] = at::Half(src[i]);
+}
+
 }  // namespace
 
 // -> q (T, n_head, hd); k, v of each row written to k_cache[cells[t]], v_cache[cells[t]]
@@ -74,8 +115,7 @@ at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& rot, const c10::o
                       const at::Tensor& cells, int64_t n_head) {
   check_f32(qkv, "qkv", 2);
   check_f32(rot, "rot", 3);
-  check_f32(k_cache, "k_cache", 3);
-  check_f32(v_cache, "v_cache", 3);
+  check_caches(k_cache, v_cache);
   TORCH_CHECK(cells.scalar_type() == at::kLong && cells.dim() == 1, "cells must be 1-D int64");
   const int64_t T = qkv.size(0), n_ctx = k_cache.size(0), n_kv = k_cache.size(1), hd = k_cache.size(2);
   const int64_t rd = rot.size(1) * 2;
@@ -99,22 +139,30 @@ at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& rot, const c10::o
   const float *src = qkv.data_ptr<float>(), *rp = rot.data_ptr<float>();
   const float* qn = norm ? q_norm->data_ptr<float>() : nullptr;
   const float* kn = norm ? k_norm->data_ptr<float>() : nullptr;
-  float *qp = q.data_ptr<float>(), *kp = k_cache.data_ptr<float>(), *vp = v_cache.data_ptr<float>();
+  float* qp = q.data_ptr<float>();
   const int64_t width = (n_head + 2 * n_kv) * hd, heads = n_head + n_kv;
-  at::parallel_for(0, T * heads, 16, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t t = i / heads, h = i % heads;
-      const float* in = src + t * width + h * hd;
-      float* out = h < n_head ? qp + (t * n_head + h) * hd : kp + (cp[t] * n_kv + (h - n_head)) * hd;
-      std::copy(in, in + hd, out);
-      if (norm) rms_norm_inplace(out, h < n_head ? qn : kn, hd, float(eps));
-      rope_inplace(out, rp + t * rd, rd);
-      if (h >= n_head) {  // this k head's v head
-        const float* v_in = src + t * width + (n_head + n_kv + (h - n_head)) * hd;
-        std::copy(v_in, v_in + hd, vp + (cp[t] * n_kv + (h - n_head)) * hd);
+  auto run = [&](auto* kp, auto* vp) {
+    at::parallel_for(0, T * heads, 16, [&](int64_t i0, int64_t i1) {
+      std::vector<float> row(hd);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t t = i / heads, h = i % heads;
+        const float* in = src + t * width + h * hd;
+        float* out = h < n_head ? qp + (t * n_head + h) * hd : row.data();
+        std::copy(in, in + hd, out);
+        if (norm) rms_norm_inplace(out, h < n_head ? qn : kn, hd, float(eps));
+        rope_inplace(out, rp + t * rd, rd);
+        if (h >= n_head) {  // a k head: it and its v head into the cache
+          const int64_t at_cell = (cp[t] * n_kv + (h - n_head)) * hd;
+          store_row(out, kp + at_cell, hd);
+          store_row(src + t * width + (n_head + n_kv + (h - n_head)) * hd, vp + at_cell, hd);
+        }
       }
-    }
-  });
+    });
+  };
+  if (k_cache.scalar_type() == at::kHalf)
+    run(k_cache.data_ptr<at::Half>(), v_cache.data_ptr<at::Half>());
+  else
+    run(k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
   return q;
 }
 
@@ -125,8 +173,7 @@ at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& rot, const c10::o
 void attend_cells(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, at::TensorList rows,
                   at::TensorList cells, at::TensorList mask, double scale, double softcap, at::Tensor out) {
   check_f32(q, "q", 3);
-  check_f32(k_cache, "k_cache", 3);
-  check_f32(v_cache, "v_cache", 3);
+  check_caches(k_cache, v_cache);
   check_f32(out, "out", 3);
   TORCH_CHECK(out.sizes() == q.sizes(), "out must have q's shape");
   TORCH_CHECK(rows.size() == cells.size() && rows.size() == mask.size(), "rows, cells and mask need one entry per group");
@@ -159,56 +206,63 @@ void attend_cells(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
     groups.push_back(std::move(grp));
   }
 
-  const float *qp = q.data_ptr<float>(), *kp = k_cache.data_ptr<float>(), *vp = v_cache.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t group = n_head / n_kv;
   const float sc = float(scale), cap = float(softcap);
-  at::parallel_for(0, n_tasks, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> score(C_max);
-    std::vector<int64_t> seen(C_max);
-    size_t g = 0;
-    for (int64_t task = i0; task < i1; ++task) {
-      while (g + 1 < groups.size() && groups[g + 1].first_task <= task) ++g;
-      const Group& grp = groups[g];
-      const int64_t i = task - grp.first_task, C = grp.C;
-      const int64_t br = i / n_head, h = i % n_head, b = br / grp.R, hk = h / group;
-      const int64_t t = grp.rp[br];
-      const int64_t* cp = grp.cp + b * C;
-      const bool* m = grp.mp + br * C;
-      const float* qv = qp + (t * n_head + h) * hd;
-      int64_t n = 0;
-      float best = -INFINITY;
-      for (int64_t c = 0; c < C; ++c) {
-        if (c + 4 < C)  // the key 4 cells on: the cells are scattered rows of the cache
-          for (int64_t l = 0; l < hd; l += 16) __builtin_prefetch(kp + (cp[c + 4] * n_kv + hk) * hd + l);
-        if (!m[c]) continue;
-        const int64_t cell = cp[c];
-        float s = dot(qv, kp + (cell * n_kv + hk) * hd, hd) * sc;
-        if (cap > 0.f) s = std::tanh(s / cap) * cap;
-        seen[n] = cell;
-        score[n++] = s;
-        best = std::max(best, s);
+  auto run = [&](const auto* kp, const auto* vp) {
+    constexpr int64_t LINE = 64 / sizeof(*kp);  // cache elements per 64-byte line, for the prefetches
+    at::parallel_for(0, n_tasks, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<float> score(C_max), row(hd);
+      std::vector<int64_t> seen(C_max);
+      size_t g = 0;
+      for (int64_t task = i0; task < i1; ++task) {
+        while (g + 1 < groups.size() && groups[g + 1].first_task <= task) ++g;
+        const Group& grp = groups[g];
+        const int64_t i = task - grp.first_task, C = grp.C;
+        const int64_t br = i / n_head, h = i % n_head, b = br / grp.R, hk = h / group;
+        const int64_t t = grp.rp[br];
+        const int64_t* cp = grp.cp + b * C;
+        const bool* m = grp.mp + br * C;
+        const float* qv = qp + (t * n_head + h) * hd;
+        int64_t n = 0;
+        float best = -INFINITY;
+        for (int64_t c = 0; c < C; ++c) {
+          if (c + 4 < C)  // the key 4 cells on: the cells are scattered rows of the cache
+            for (int64_t l = 0; l < hd; l += LINE) __builtin_prefetch(kp + (cp[c + 4] * n_kv + hk) * hd + l);
+          if (!m[c]) continue;
+          const int64_t cell = cp[c];
+          float s = dot(qv, as_floats(kp + (cell * n_kv + hk) * hd, row.data(), hd), hd) * sc;
+          if (cap > 0.f) s = std::tanh(s / cap) * cap;
+          seen[n] = cell;
+          score[n++] = s;
+          best = std::max(best, s);
+        }
+        float* o = op + (t * n_head + h) * hd;
+        std::fill(o, o + hd, 0.f);
+        if (n == 0) continue;  // sees nothing: zeros
+        for (int64_t j = 0; j < n; ++j) score[j] = fast_exp(score[j] - best);  // vectorized
+        float lanes[LANES] = {};
+        int64_t j = 0;
+        for (; j + LANES <= n; j += LANES)
+          for (int l = 0; l < LANES; ++l) lanes[l] += score[j + l];
+        float total = 0.f;
+        for (; j < n; ++j) total += score[j];
+        for (int l = 0; l < LANES; ++l) total += lanes[l];
+        for (int64_t j = 0; j < n; ++j) {
+          if (j + 4 < n)
+            for (int64_t l = 0; l < hd; l += LINE) __builtin_prefetch(vp + (seen[j + 4] * n_kv + hk) * hd + l);
+          const float p = score[j] / total;
+          const float* vv = as_floats(vp + (seen[j] * n_kv + hk) * hd, row.data(), hd);
+          for (int64_t d = 0; d < hd; ++d) o[d] += p * vv[d];
+        }
       }
-      float* o = op + (t * n_head + h) * hd;
-      std::fill(o, o + hd, 0.f);
-      if (n == 0) continue;  // sees nothing: zeros
-      for (int64_t j = 0; j < n; ++j) score[j] = fast_exp(score[j] - best);  // vectorized
-      float lanes[LANES] = {};
-      int64_t j = 0;
-      for (; j + LANES <= n; j += LANES)
-        for (int l = 0; l < LANES; ++l) lanes[l] += score[j + l];
-      float total = 0.f;
-      for (; j < n; ++j) total += score[j];
-      for (int l = 0; l < LANES; ++l) total += lanes[l];
-      for (int64_t j = 0; j < n; ++j) {
-        if (j + 4 < n)
-          for (int64_t l = 0; l < hd; l += 16) __builtin_prefetch(vp + (seen[j + 4] * n_kv + hk) * hd + l);
-        const float p = score[j] / total;
-        const float* vv = vp + (seen[j] * n_kv + hk) * hd;
-        for (int64_t d = 0; d < hd; ++d) o[d] += p * vv[d];
-      }
-    }
-  });
+    });
+  };
+  if (k_cache.scalar_type() == at::kHalf)
+    run(k_cache.data_ptr<at::Half>(), v_cache.data_ptr<at::Half>());
+  else
+    run(k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
 }
 
 TORCH_LIBRARY_FRAGMENT(GGUFLM_NS, m) {

@@ -26,6 +26,7 @@ from gguflm.quants import NATIVE_MAX_ROWS, QT, QuantizedLinear, dequantize
 PREFILL_ROWS = 64  # micro-batches of at least this many rows count as prefill
 # sequence sets of up to this many rows attend through the native kernel (decode), more through torch's
 NATIVE_ATTENTION_ROWS = 16
+NATIVE_CACHE_DTYPES = (torch.float32, torch.float16)  # KV caches the native attention kernels read
 
 # observer(name, layer, tensor): sees a named intermediate (llama.cpp's cb(cur, "attn_norm", il));
 # layer is -1 for tensors outside the layers. Observers must not change the tensor in place.
@@ -444,7 +445,7 @@ class Transformer:
         qkv = at.qkv(h).float()  # (T, (n_head + 2 n_head_kv) hd)
         rope = self.rope_of(at, ub.long_context)
         kv = ub.kv
-        native = self.kernels if kv.k.dtype == torch.float32 else None
+        native = self.kernels if kv.k.dtype in NATIVE_CACHE_DTYPES else None
         if native is not None:
             keys, values = kv.layers[il]  # (n_ctx, n_head_kv, hd)
             rotation = ub.rotation_pairs(rope)
@@ -588,8 +589,8 @@ class Transformer:
 
     def decode_step(self, ub: UBatch) -> bool:
         """Whether every sequence set of the micro-batch is small enough for the native attention (decode)
-        and the cache is fp32: what kernels.decode_layer takes."""
-        if ub.kv.k.dtype != torch.float32 or len(ub.pos) > NATIVE_MAX_ROWS:
+        and the cache is one the kernels read (fp32, fp16): what kernels.decode_layer takes."""
+        if ub.kv.k.dtype not in NATIVE_CACHE_DTYPES or len(ub.pos) > NATIVE_MAX_ROWS:
             return False
         return all(
             s.rows.shape[1] <= NATIVE_ATTENTION_ROWS for w in self.args.windows for s in ub.cell_sets(w)
