@@ -37,7 +37,8 @@ namespace {
 
 constexpr int LANES = 16;
 
-// sum a[i] b[i] in LANES independent partial sums (vectorized by the compiler, same order every call)
+// sum a[i] b[i] in LANES independent partial sums, folded in halves (vectorized by the compiler, same order
+// every call; folding the lanes one by one was a chain of 16 dependent adds, most of a decode score's time)
 inline float dot(const float* a, const float* b, int64_t n) {
   float acc[LANES] = {};
   int64_t i = 0;
@@ -45,8 +46,9 @@ inline float dot(const float* a, const float* b, int64_t n) {
     for (int l = 0; l < LANES; ++l) acc[l] += a[i + l] * b[i + l];
   float s = 0.f;
   for (; i < n; ++i) s += a[i] * b[i];
-  for (int l = 0; l < LANES; ++l) s += acc[l];
-  return s;
+  for (int w = LANES / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  return s + acc[0];
 }
 
 // x (n) <- x * w / sqrt(mean(x^2) + eps)
@@ -187,6 +189,14 @@ void attend_cells(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
     const int64_t *rp, *cp;
     const bool* mp;
   };
+  // A task is (set row, kv head, part): the query heads sharing a kv head read each key and value row
+  // once (converted once from fp16), in `split` parts so that a single row's step still has a task per
+  // thread or two. Each head's arithmetic is the same whatever the split: the same bits.
+  const int64_t group = n_head / n_kv;
+  int64_t n_rows = 0;
+  for (const at::Tensor& r : rows) n_rows += r.numel();
+  const int64_t split = std::clamp<int64_t>((2 * at::get_num_threads() + n_rows * n_kv - 1) / std::max<int64_t>(1, n_rows * n_kv), 1, group);
+  const int64_t per = (group + split - 1) / split;  // query heads per task (fewer in a kv head's last part)
   std::vector<Group> groups;
   int64_t n_tasks = 0, C_max = 0;
   for (size_t g = 0; g < rows.size(); ++g) {
@@ -201,60 +211,71 @@ void attend_cells(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
     grp.mp = grp.mask.data_ptr<bool>();
     for (int64_t i = 0; i < B * R; ++i) TORCH_CHECK(rp[i] >= 0 && rp[i] < T, "row ", rp[i], " is outside q");
     for (int64_t i = 0; i < B * C; ++i) TORCH_CHECK(cp[i] >= 0 && cp[i] < n_ctx, "cell ", cp[i], " is outside the cache");
-    n_tasks += B * R * n_head;
+    n_tasks += B * R * n_kv * split;
     C_max = std::max(C_max, C);
     groups.push_back(std::move(grp));
   }
 
   const float* qp = q.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const int64_t group = n_head / n_kv;
   const float sc = float(scale), cap = float(softcap);
   auto run = [&](const auto* kp, const auto* vp) {
     constexpr int64_t LINE = 64 / sizeof(*kp);  // cache elements per 64-byte line, for the prefetches
     at::parallel_for(0, n_tasks, 1, [&](int64_t i0, int64_t i1) {
-      std::vector<float> score(C_max), row(hd);
+      std::vector<float> score(per * C_max), row(hd), best(per), total(per);
       std::vector<int64_t> seen(C_max);
       size_t g = 0;
       for (int64_t task = i0; task < i1; ++task) {
         while (g + 1 < groups.size() && groups[g + 1].first_task <= task) ++g;
         const Group& grp = groups[g];
         const int64_t i = task - grp.first_task, C = grp.C;
-        const int64_t br = i / n_head, h = i % n_head, b = br / grp.R, hk = h / group;
-        const int64_t t = grp.rp[br];
+        const int64_t br = i / (n_kv * split), hk = i / split % n_kv, part = i % split;
+        const int64_t h0 = hk * group + part * per, nh = std::min(per, (hk + 1) * group - h0);  // heads h0..
+        if (nh <= 0) continue;
+        const int64_t b = br / grp.R, t = grp.rp[br];
         const int64_t* cp = grp.cp + b * C;
         const bool* m = grp.mp + br * C;
-        const float* qv = qp + (t * n_head + h) * hd;
+        const float* qv = qp + (t * n_head + h0) * hd;  // (nh, hd)
         int64_t n = 0;
-        float best = -INFINITY;
+        std::fill(best.begin(), best.begin() + nh, -INFINITY);
         for (int64_t c = 0; c < C; ++c) {
           if (c + 4 < C)  // the key 4 cells on: the cells are scattered rows of the cache
             for (int64_t l = 0; l < hd; l += LINE) __builtin_prefetch(kp + (cp[c + 4] * n_kv + hk) * hd + l);
           if (!m[c]) continue;
           const int64_t cell = cp[c];
-          float s = dot(qv, as_floats(kp + (cell * n_kv + hk) * hd, row.data(), hd), hd) * sc;
-          if (cap > 0.f) s = std::tanh(s / cap) * cap;
-          seen[n] = cell;
-          score[n++] = s;
-          best = std::max(best, s);
+          const float* key = as_floats(kp + (cell * n_kv + hk) * hd, row.data(), hd);
+          for (int64_t j = 0; j < nh; ++j) {
+            float s = dot(qv + j * hd, key, hd) * sc;
+            if (cap > 0.f) s = std::tanh(s / cap) * cap;
+            score[j * C_max + n] = s;
+            best[j] = std::max(best[j], s);
+          }
+          seen[n++] = cell;
         }
-        float* o = op + (t * n_head + h) * hd;
-        std::fill(o, o + hd, 0.f);
+        float* o = op + (t * n_head + h0) * hd;  // (nh, hd)
+        std::fill(o, o + nh * hd, 0.f);
         if (n == 0) continue;  // sees nothing: zeros
-        for (int64_t j = 0; j < n; ++j) score[j] = fast_exp(score[j] - best);  // vectorized
-        float lanes[LANES] = {};
-        int64_t j = 0;
-        for (; j + LANES <= n; j += LANES)
-          for (int l = 0; l < LANES; ++l) lanes[l] += score[j + l];
-        float total = 0.f;
-        for (; j < n; ++j) total += score[j];
-        for (int l = 0; l < LANES; ++l) total += lanes[l];
-        for (int64_t j = 0; j < n; ++j) {
-          if (j + 4 < n)
-            for (int64_t l = 0; l < hd; l += LINE) __builtin_prefetch(vp + (seen[j + 4] * n_kv + hk) * hd + l);
-          const float p = score[j] / total;
-          const float* vv = as_floats(vp + (seen[j] * n_kv + hk) * hd, row.data(), hd);
-          for (int64_t d = 0; d < hd; ++d) o[d] += p * vv[d];
+        for (int64_t j = 0; j < nh; ++j) {
+          float* sj = score.data() + j * C_max;
+          for (int64_t x = 0; x < n; ++x) sj[x] = fast_exp(sj[x] - best[j]);  // vectorized
+          float lanes[LANES] = {};
+          int64_t x = 0;
+          for (; x + LANES <= n; x += LANES)
+            for (int l = 0; l < LANES; ++l) lanes[l] += sj[x + l];
+          float sum = 0.f;
+          for (; x < n; ++x) sum += sj[x];
+          for (int l = 0; l < LANES; ++l) sum += lanes[l];
+          total[j] = sum;
+        }
+        for (int64_t x = 0; x < n; ++x) {
+          if (x + 4 < n)
+            for (int64_t l = 0; l < hd; l += LINE) __builtin_prefetch(vp + (seen[x + 4] * n_kv + hk) * hd + l);
+          const float* vv = as_floats(vp + (seen[x] * n_kv + hk) * hd, row.data(), hd);
+          for (int64_t j = 0; j < nh; ++j) {
+            const float p = score[j * C_max + x] / total[j];
+            float* oj = o + j * hd;
+            for (int64_t d = 0; d < hd; ++d) oj[d] += p * vv[d];
+          }
         }
       }
     });
