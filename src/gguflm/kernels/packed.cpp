@@ -104,8 +104,8 @@ void unpack_block(const PackedLegacy& f, const uint8_t* P, int r, uint8_t* dst) 
 #if defined(__AVX2__)
 // The vector kernels are written once over "lanes": one int32/fp32 lane per weight row, 8 rows (a group) in
 // a 256-bit vector, or, where the CPU has 512-bit VNNI, 16 rows (groups g and g + 1) in a 512-bit vector,
-// so that a broadcast activation dword, a scale conversion and an fmadd serve twice the rows (a 512-row
-// prefill's products ~20% faster on AMD Zen 4). Lane for lane both run the same operations: the same bits.
+// so that a broadcast activation dword, a scale conversion and an fmadd serve twice the rows (over_groups
+// says when). Lane for lane both run the same operations: the same bits.
 // Loads take the group's address p and the distance to the next group's same bytes (used by Lanes16).
 struct Lanes8 {
   static constexpr int GROUPS = 1;
