@@ -38,6 +38,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #include <vector>
 
 #include "vec_math.h"
@@ -185,6 +186,98 @@ inline void accumulate_bf16(const uint16_t*, const uint16_t*, int64_t, int, floa
 inline void round_bf16(const float*, uint16_t*) {}
 #endif
 
+// A buffer for the packed keys and values, kept between calls: a fresh one of ~1 MB is fresh pages from
+// the OS, faulted in on every call (~15% of a 512-token call). One per concurrent call.
+class Scratch {
+ public:
+  explicit Scratch(size_t n) {
+    {
+      std::lock_guard<std::mutex> hold(lock());
+      if (!pool().empty()) {
+        buf_ = std::move(pool().back());
+        pool().pop_back();
+      }
+    }
+    if (buf_.size() < n) buf_.resize(n);
+  }
+  ~Scratch() {
+    std::lock_guard<std::mutex> hold(lock());
+    pool().push_back(std::move(buf_));
+  }
+  uint8_t* data() { return buf_.data(); }
+
+ private:
+  static std::mutex& lock() {
+    static std::mutex m;
+    return m;
+  }
+  static std::vector<std::vector<uint8_t>>& pool() {
+    static std::vector<std::vector<uint8_t>> p;
+    return p;
+  }
+  std::vector<uint8_t> buf_;
+};
+
+#if defined(__AVX512F__)
+inline __m512 exp_zmm(__m512 x) {  // fast_exp (vec_math.h) of 16 values with vscalefps for 2^n, 0 below -87
+  const __mmask16 seen = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_GE_OQ);
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040.f);
+  for (const float c : {1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_maskz_scalef_ps(seen, p, n);
+}
+#endif
+
+// One row of a block's scores, sr (BC) fp32 with -inf where hidden -> its softmax weights in place,
+// e^(sc sr - m) with m the row's running maximum (updated), and l, the running sum of its weights, updated.
+// Returns the factor by which the row's output so far must be scaled (1 where the maximum stayed).
+inline float softmax_row(float* sr, float sc, float& m, float& l) {
+#if defined(__AVX512F__)
+  static_assert(BC == 64, "4 vectors a row");
+  __m512 x[4], hi = _mm512_set1_ps(-INFINITY);
+  for (int j = 0; j < 4; ++j) hi = _mm512_max_ps(hi, x[j] = _mm512_mul_ps(_mm512_loadu_ps(sr + 16 * j), _mm512_set1_ps(sc)));
+  const float best = _mm512_reduce_max_ps(hi);
+#else
+  float lanes[LANES];
+  std::fill(lanes, lanes + LANES, -INFINITY);
+  for (int c = 0; c < BC; c += LANES)
+    for (int j = 0; j < LANES; ++j) lanes[j] = std::max(lanes[j], sr[c + j] *= sc);
+  const float best = *std::max_element(lanes, lanes + LANES);
+#endif
+  if (best == -INFINITY) {  // sees nothing here: weights 0
+    std::fill(sr, sr + BC, 0.f);
+    return 1.f;
+  }
+  const float m_new = std::max(m, best), alpha = m == -INFINITY ? 0.f : fast_exp(m - m_new);
+  m = m_new;
+#if defined(__AVX512F__)
+  __m512 sum = _mm512_setzero_ps();
+  for (int j = 0; j < 4; ++j) {
+    const __m512 e = exp_zmm(_mm512_sub_ps(x[j], _mm512_set1_ps(m_new)));
+    _mm512_storeu_ps(sr + 16 * j, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  l = l * alpha + _mm512_reduce_add_ps(sum);
+#else
+  std::fill(lanes, lanes + LANES, 0.f);
+  for (int c = 0; c < BC; c += LANES)
+    for (int j = 0; j < LANES; ++j) {
+      const float x = sr[c + j] - m_new, e = fast_exp(x);
+      sr[c + j] = x < -87.f ? 0.f : e;  // hidden cells (-inf) exactly 0
+      lanes[j] += sr[c + j];
+    }
+  float sum = 0.f;
+  for (int j = 0; j < LANES; ++j) sum += lanes[j];
+  l = l * alpha + sum;
+#endif
+  return alpha;
+}
+
 struct Span {  // the cells [lo, hi) within which a row sees anything; all of them where dense
   int64_t lo, hi;
   bool dense;
@@ -239,38 +332,59 @@ void attend_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Te
         span[i] = {0, i + 1, true};
         continue;
       }
-      const bool* m = mp + i * C;
-      int64_t lo = 0, hi = C, n = 0;
-      while (lo < C && !m[lo]) ++lo;
-      while (hi > lo && !m[hi - 1]) --hi;
+      const bool* m = mp + i * C;  // bools are bytes 0 / 1: memchr and memrchr find the first and last 1
+      const void* first = std::memchr(m, 1, size_t(C));
+      if (!first) {
+        span[i] = {0, 0, true};
+        continue;
+      }
+      const int64_t lo = static_cast<const bool*>(first) - m;
+      const int64_t hi = static_cast<const bool*>(memrchr(m, 1, size_t(C))) - m + 1;
+      int64_t n = 0;
       for (int64_t c = lo; c < hi; ++c) n += m[c];
-      span[i] = {lo, std::max(lo, hi), n == hi - lo};
+      span[i] = {lo, hi, n == hi - lo};
     }
   });
 
   // keys and values packed per (kv head, block): element size 2 (bf16) or 4 (fp32)
-  const int64_t esize = use_bf16 ? 2 : 4, block_elems = BC * hdp;
-  at::Tensor packed = at::empty({2 * n_kv * n_blocks * block_elems * esize}, at::kByte);
-  uint8_t* kbase = packed.data_ptr<uint8_t>();
-  uint8_t* vbase = kbase + n_kv * n_blocks * block_elems * esize;
+  const int64_t esize = use_bf16 ? 2 : 4, block_elems = BC * hdp, block_bytes = block_elems * esize;
+  Scratch packed(size_t(2 * n_kv * n_blocks * block_bytes));
+  uint8_t* kbase = packed.data();
+  uint8_t* vbase = kbase + n_kv * n_blocks * block_bytes;
   const float *kp = k_cache.data_ptr<float>(), *vp = v_cache.data_ptr<float>();
   at::parallel_for(0, n_kv * n_blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<uint16_t> row(use_bf16 ? 2 * hdp : 0);  // a cell's keys (or two cells' values) in bf16
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t hk = b / n_blocks, kb = b % n_blocks;
-      for (int64_t c = 0; c < BC; ++c) {
-        const int64_t ci = kb * BC + c;
-        const float* ks = ci < C ? kp + (cp[ci] * n_kv + hk) * hd : nullptr;
-        const float* vs = ci < C ? vp + (cp[ci] * n_kv + hk) * hd : nullptr;
-        for (int64_t d = 0; d < hdp; ++d) {
-          const float kx = ks && d < hd ? ks[d] : 0.f, vx = vs && d < hd ? vs[d] : 0.f;
-          if (use_bf16) {
-            reinterpret_cast<uint16_t*>(kbase)[b * block_elems + ((d / 2) * BC + c) * 2 + d % 2] = to_bf16(kx);
-            reinterpret_cast<uint16_t*>(vbase)[b * block_elems + ((c / 2) * hdp + d) * 2 + c % 2] = to_bf16(vx);
-          } else {
-            reinterpret_cast<float*>(kbase)[b * block_elems + d * BC + c] = kx;
-            reinterpret_cast<float*>(vbase)[b * block_elems + c * hdp + d] = vx;
-          }
+      const int64_t hk = b / n_blocks, kb = b % n_blocks, n_c = std::min<int64_t>(BC, C - kb * BC);
+      uint8_t *kblock = kbase + b * block_bytes, *vblock = vbase + b * block_bytes;
+      if (n_c < BC || hd < hdp) {  // padding: zeros
+        std::memset(kblock, 0, size_t(block_bytes));
+        std::memset(vblock, 0, size_t(block_bytes));
+      }
+      const auto key = [&](int64_t c) { return kp + (cp[kb * BC + c] * n_kv + hk) * hd; };
+      const auto value = [&](int64_t c) { return vp + (cp[kb * BC + c] * n_kv + hk) * hd; };
+      if (!use_bf16) {
+        float *kt = reinterpret_cast<float*>(kblock), *vt = reinterpret_cast<float*>(vblock);
+        for (int64_t c = 0; c < n_c; ++c) {
+          const float* ks = key(c);
+          for (int64_t d = 0; d < hd; ++d) kt[d * BC + c] = ks[d];
+          std::memcpy(vt + c * hdp, value(c), size_t(hd) * 4);
         }
+        continue;
+      }
+      uint32_t* kw = reinterpret_cast<uint32_t*>(kblock);  // (hdp/2, BC) words: a cell's dims 2j, 2j+1
+      for (int64_t c = 0; c < n_c; ++c) {
+        const float* ks = key(c);
+        for (int64_t d = 0; d < hd; ++d) row[d] = to_bf16(ks[d]);
+        if (hd % 2) row[hd] = 0;
+        for (int64_t j = 0; j < (hd + 1) / 2; ++j) kw[j * BC + c] = uint32_t(row[2 * j]) | uint32_t(row[2 * j + 1]) << 16;
+      }
+      uint32_t* vw = reinterpret_cast<uint32_t*>(vblock);  // (BC/2, hdp) words: cells 2c, 2c+1 of a dim
+      for (int64_t c = 0; c < n_c; c += 2) {
+        const float *v0 = value(c), *v1 = c + 1 < n_c ? value(c + 1) : nullptr;
+        for (int64_t d = 0; d < hd; ++d) row[d] = to_bf16(v0[d]);
+        for (int64_t d = 0; d < hd; ++d) row[hdp + d] = v1 ? to_bf16(v1[d]) : 0;
+        for (int64_t d = 0; d < hd; ++d) vw[(c / 2) * hdp + d] = uint32_t(row[d]) | uint32_t(row[hdp + d]) << 16;
       }
     }
   });
@@ -341,39 +455,20 @@ void attend_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Te
           for (int r = 0; r < MR; ++r) {
             float* sr = s.data() + r * BC;
             const int64_t i = row_of[rb + r];
-            if (!whole) {
+            if (!whole) {  // hide what the row may not see: outside its span, and inside where not dense
               const Span& sp = span[i];
-              for (int c = 0; c < BC; ++c) {
-                const int64_t ci = c0 + c;
-                const bool seen = ci >= sp.lo && ci < sp.hi && (sp.dense || mp[i * C + ci]);
-                if (!seen) sr[c] = -INFINITY;
+              const int64_t lo = std::clamp<int64_t>(sp.lo - c0, 0, BC), hi = std::clamp<int64_t>(sp.hi - c0, lo, BC);
+              std::fill(sr, sr + lo, -INFINITY);
+              std::fill(sr + hi, sr + BC, -INFINITY);
+              if (!sp.dense) {
+                const bool* mr = mp + i * C + c0;
+                for (int64_t c = lo; c < hi; ++c) sr[c] = mr[c] ? sr[c] : -INFINITY;
               }
             }
-            float lanes[LANES];
-            std::fill(lanes, lanes + LANES, -INFINITY);
-            for (int c = 0; c < BC; c += LANES)  // scaled here, not q: bf16(q) k is torch's bf16 product too
-              for (int j = 0; j < LANES; ++j) lanes[j] = std::max(lanes[j], sr[c + j] *= sc);
-            const float best = *std::max_element(lanes, lanes + LANES);
-            float& mr = m[rb + r];
-            if (best == -INFINITY) {  // sees nothing here: weights 0
-              std::fill(sr, sr + BC, 0.f);
-            } else {
-              const float m_new = std::max(mr, best);
-              const float alpha = mr == -INFINITY ? 0.f : fast_exp(mr - m_new);
-              mr = m_new;
-              std::fill(lanes, lanes + LANES, 0.f);
-              for (int c = 0; c < BC; c += LANES)
-                for (int j = 0; j < LANES; ++j) {
-                  const float x = sr[c + j] - m_new, e = fast_exp(x);
-                  sr[c + j] = x < -87.f ? 0.f : e;  // masked cells (-inf) exactly 0
-                  lanes[j] += sr[c + j];
-                }
-              float sum = 0.f;
-              for (int j = 0; j < LANES; ++j) sum += lanes[j];
-              l[rb + r] = l[rb + r] * alpha + sum;
-              if (alpha != 1.f)
-                for (int64_t d = 0; d < hdp; ++d) o[(rb + r) * hdp + d] *= alpha;
-            }
+            // scaled here, not q: bf16(q) . bf16(k) in fp32, then the scale, is torch's bf16 attention too
+            const float alpha = softmax_row(sr, sc, m[rb + r], l[rb + r]);
+            if (alpha != 1.f)
+              for (int64_t d = 0; d < hdp; ++d) o[(rb + r) * hdp + d] *= alpha;
             if (use_bf16) round_bf16(sr, ph.data() + r * BC);
           }
           float* orow = o.data() + rb * hdp;
