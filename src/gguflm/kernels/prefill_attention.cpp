@@ -86,22 +86,35 @@ inline vf vfma(vf a, vf b, vf c) {
 #endif
 constexpr int CW = VW * NV;  // columns of one micro-kernel pass: cells of the scores, dims of the output
 
-// s (MR, BC) = q (MR, hdp) . kt (hdp, BC), kt one key block transposed
-inline void scores_f32(const float* q, const float* kt, int64_t hdp, float* s) {
-  for (int c0 = 0; c0 < BC; c0 += CW) {
-    vf acc[MR][NV];
-    for (int r = 0; r < MR; ++r)
-      for (int j = 0; j < NV; ++j) acc[r][j] = vzero();
-    for (int64_t d = 0; d < hdp; ++d) {
-      vf k[NV];
-      for (int j = 0; j < NV; ++j) k[j] = vload(kt + d * BC + c0 + j * VW);
-      for (int r = 0; r < MR; ++r) {
-        const vf qb = vset1(q[r * hdp + d]);
-        for (int j = 0; j < NV; ++j) acc[r][j] = vfma(qb, k[j], acc[r][j]);
-      }
+// s[:, c0 : c0 + NJ VW] (MR rows of BC) = q (MR, hdp) . kt[:, c0 : c0 + NJ VW], kt (hdp, BC) a key block transposed
+template <int NJ>
+inline void scores_f32_cols(const float* q, const float* kt, int64_t hdp, int c0, float* s) {
+  vf acc[MR][NJ];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NJ; ++j) acc[r][j] = vzero();
+  for (int64_t d = 0; d < hdp; ++d) {
+    vf k[NJ];
+    for (int j = 0; j < NJ; ++j) k[j] = vload(kt + d * BC + c0 + j * VW);
+    for (int r = 0; r < MR; ++r) {
+      const vf qb = vset1(q[r * hdp + d]);
+      for (int j = 0; j < NJ; ++j) acc[r][j] = vfma(qb, k[j], acc[r][j]);
     }
-    for (int r = 0; r < MR; ++r)
-      for (int j = 0; j < NV; ++j) vstore(s + r * BC + c0 + j * VW, acc[r][j]);
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < NJ; ++j) vstore(s + r * BC + c0 + j * VW, acc[r][j]);
+}
+
+// s (MR, BC) = q . kt over the block's first n_c cells, rounded up to whole vectors (the rest left as it was:
+// the caller hides those cells)
+inline void scores_f32(const float* q, const float* kt, int64_t hdp, int n_c, float* s) {
+  const int n_end = (n_c + VW - 1) / VW * VW;
+  int c0 = 0;
+  for (; c0 + CW <= n_end; c0 += CW) scores_f32_cols<NV>(q, kt, hdp, c0, s);
+  switch ((n_end - c0) / VW) {  // vectors left, fewer than NV
+    case 1: scores_f32_cols<1>(q, kt, hdp, c0, s); break;
+    case 2: scores_f32_cols<2>(q, kt, hdp, c0, s); break;
+    case 3: scores_f32_cols<3>(q, kt, hdp, c0, s); break;
+    default: break;
   }
 }
 
@@ -139,21 +152,33 @@ inline __m512bh pair_bcast(const uint16_t* p) {  // the bf16 pair at p in every 
   return (__m512bh)_mm512_set1_epi32(x);
 }
 
-// s (MR, BC) = q (MR, hdp) . kp (hdp/2, BC, 2), all bf16 but s
-inline void scores_bf16(const uint16_t* q, const uint16_t* kp, int64_t hdp, float* s) {
-  __m512 acc[MR][4];
+// s[:, 0 : 16 NJ] (MR rows of BC) = q (MR, hdp) . kp[:, 0 : 16 NJ], kp (hdp/2, BC, 2); all bf16 but s
+template <int NJ>
+inline void scores_bf16_cols(const uint16_t* q, const uint16_t* kp, int64_t hdp, float* s) {
+  __m512 acc[MR][NJ];
   for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+    for (int j = 0; j < NJ; ++j) acc[r][j] = _mm512_setzero_ps();
   for (int64_t d2 = 0; d2 < hdp / 2; ++d2) {
-    __m512bh k[4];
-    for (int j = 0; j < 4; ++j) k[j] = pairs(kp + (d2 * BC + j * 16) * 2);
+    __m512bh k[NJ];
+    for (int j = 0; j < NJ; ++j) k[j] = pairs(kp + (d2 * BC + j * 16) * 2);
     for (int r = 0; r < MR; ++r) {
       const __m512bh qb = pair_bcast(q + r * hdp + 2 * d2);
-      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], qb, k[j]);
+      for (int j = 0; j < NJ; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], qb, k[j]);
     }
   }
   for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(s + r * BC + j * 16, acc[r][j]);
+    for (int j = 0; j < NJ; ++j) _mm512_storeu_ps(s + r * BC + j * 16, acc[r][j]);
+}
+
+// s (MR, BC) = q . kp over the block's first n_c cells, rounded up to whole vectors of 16
+inline void scores_bf16(const uint16_t* q, const uint16_t* kp, int64_t hdp, int n_c, float* s) {
+  static_assert(BC == 64, "4 vectors of 16 cells");
+  switch ((n_c + 15) / 16) {
+    case 1: scores_bf16_cols<1>(q, kp, hdp, s); break;
+    case 2: scores_bf16_cols<2>(q, kp, hdp, s); break;
+    case 3: scores_bf16_cols<3>(q, kp, hdp, s); break;
+    default: scores_bf16_cols<4>(q, kp, hdp, s); break;
+  }
 }
 
 // o (MR, hdp) fp32 += p (MR, BC) . vp (BC/2, hdp, 2) over the block's first n_c2 cell pairs
@@ -181,7 +206,7 @@ inline void round_bf16(const float* x, uint16_t* y) {  // BC values, as vcvtneps
 }
 #else
 constexpr bool HAS_BF16 = false;
-inline void scores_bf16(const uint16_t*, const uint16_t*, int64_t, float*) {}
+inline void scores_bf16(const uint16_t*, const uint16_t*, int64_t, int, float*) {}
 inline void accumulate_bf16(const uint16_t*, const uint16_t*, int64_t, int, float*) {}
 inline void round_bf16(const float*, uint16_t*) {}
 #endif
@@ -449,9 +474,11 @@ void attend_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Te
           }
           if (!any) continue;
           if (use_bf16)
-            scores_bf16(qh.data() + rb * hdp, reinterpret_cast<const uint16_t*>(kbase) + b * block_elems, hdp, s.data());
+            scores_bf16(qh.data() + rb * hdp, reinterpret_cast<const uint16_t*>(kbase) + b * block_elems, hdp,
+                        int(c_end), s.data());
           else
-            scores_f32(qf.data() + rb * hdp, reinterpret_cast<const float*>(kbase) + b * block_elems, hdp, s.data());
+            scores_f32(qf.data() + rb * hdp, reinterpret_cast<const float*>(kbase) + b * block_elems, hdp, int(c_end),
+                       s.data());
           for (int r = 0; r < MR; ++r) {
             float* sr = s.data() + r * BC;
             const int64_t i = row_of[rb + r];
