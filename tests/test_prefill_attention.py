@@ -160,7 +160,7 @@ def test_bf16_products_as_close_as_torchs_bf16_attention(
     rows = cells = torch.arange(T)
     mask = _masks(T, g)["window"][1] if masked else None
     out = _call(mod, q, k, v, rows, cells, mask, bf16=True)
-    if not mod.attend_prefill_bf16():
+    if mod.attend_prefill_isa() != "avx512_bf16":
         assert "avx512_bf16" not in kernels.cpu_flags()
         assert torch.equal(_call(mod, q, k, v, rows, cells, mask), out)
         return
@@ -178,6 +178,18 @@ def test_bf16_products_as_close_as_torchs_bf16_attention(
     assert err.mean() <= 1.5 * torch_err.mean() and err.max() <= 1.5 * torch_err.max()
     # and it is not the fp32 path: asked for fp32, the same build gives another result
     assert not torch.equal(_call(mod, q, k, v, rows, cells, mask), out)
+
+
+@pytest.mark.parametrize("path", _paths())
+def test_isa_of_each_path(path: str) -> None:
+    """The products each build runs; bf16 ones exactly where the CPU has AVX512_BF16 (the auto build)."""
+    got = _module(path).attend_prefill_isa()
+    flags = kernels.cpu_flags()
+    if path == "auto":
+        want = "avx512_bf16" if "avx512_bf16" in flags else "avx512" if "avx512f" in flags else "avx2"
+        assert got == want or ("avx2" not in flags and got == "generic")
+    else:
+        assert got == path
 
 
 def test_prefill_attention_refuses_bad_inputs() -> None:

@@ -96,8 +96,8 @@ class NativeKernels:
     (qmatmul.cpp); for every SUPPORTED format `repack(raw, qtype, n_out)` (8 rows' blocks side by side), its inverse
     `unpack(packed, qtype, n_out, r0, r1)` and `qmatmul_packed(x, packed, qtype, n_out, levels=1)`
     (packed.cpp); the decode
-    attention pair `rope_store` and `attend_cells` (attention.cpp), the prefill's `attend_prefill` and whether its
-    bf16 products are built, `attend_prefill_bf16()` (prefill_attention.cpp), `rms_norm` and `gated` (rowwise.cpp), a whole
+    attention pair `rope_store` and `attend_cells` (attention.cpp), the prefill's `attend_prefill` and the
+    products it runs, `attend_prefill_isa()` (prefill_attention.cpp), `rms_norm` and `gated` (rowwise.cpp), a whole
     decode layer through them in one call, `decode_layer` (layer.cpp), and `isa()`."""
 
     def __init__(self, namespace: str, library: str) -> None:
@@ -111,7 +111,7 @@ class NativeKernels:
         self.rope_store = ops.rope_store
         self.attend_cells = ops.attend_cells
         self.attend_prefill = ops.attend_prefill
-        self.attend_prefill_bf16 = ops.attend_prefill_bf16
+        self.attend_prefill_isa = ops.attend_prefill_isa
         self.rms_norm = ops.rms_norm
         self.gated = ops.gated
         self.decode_layer = ops.decode_layer

@@ -39,6 +39,7 @@
 #include <cstdint>
 #include <cstring>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -521,12 +522,22 @@ void attend_prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Te
   });
 }
 
-bool attend_prefill_bf16() { return HAS_BF16; }
+// the products this build runs: "avx512_bf16" (bf16 where asked, else fp32), "avx512", "avx2" (fp32 FMA) or
+// "generic" (GCC vectors of 4 floats: half as fast as torch's attention here, so the engine keeps torch's)
+std::string attend_prefill_isa() {
+#if defined(__AVX512F__)
+  return HAS_BF16 ? "avx512_bf16" : "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+  return "avx2";
+#else
+  return "generic";
+#endif
+}
 
 TORCH_LIBRARY_FRAGMENT(GGUFLM_NS, m) {
   m.def(
       "attend_prefill(Tensor q, Tensor k_cache, Tensor v_cache, Tensor rows, Tensor cells, Tensor? mask, "
       "float scale, bool bf16, Tensor(a!) out) -> ()",
       &attend_prefill);
-  m.def("attend_prefill_bf16() -> bool", &attend_prefill_bf16);
+  m.def("attend_prefill_isa() -> str", &attend_prefill_isa);
 }
