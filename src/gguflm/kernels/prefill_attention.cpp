@@ -1,7 +1,8 @@
 // Attention of a prefill: many query rows of one sequence set against its cells of the KV cache, in one
 // call, flash-attention style (the scores are never all in memory: key blocks one after the other, with
 // an online softmax). torch's fused CPU attention does the same in general; this one knows the engine's
-// shapes (GQA heads side by side, causal or masked cells, fp32 cache) and is ~2x faster on 2 Zen 4 cores.
+// shapes (GQA heads side by side, causal or masked cells, fp32 cache): 512 causal rows of SmolLM2 on 2 AMD
+// EPYC Zen 4 cores, 3.4x faster than torch's bf16 attention with bf16 products, 2.2x its fp32 with fp32 ones.
 //
 //   attend_prefill(q, k_cache, v_cache, rows, cells, mask, scale, bf16, out)
 //
