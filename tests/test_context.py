@@ -183,7 +183,7 @@ def test_parallel_decode_steps_give_each_sequence_its_alone_logits_exactly(smoll
 
 def test_a_decoding_sequence_beside_a_prompt_chunk_gets_its_alone_logits_exactly(smollm2: Model) -> None:
     """A server step: one sequence's next token and another's 30-token prompt in one micro-batch. The
-    decoding row attends through the per-row kernel, the prompt through torch's attention, each set
+    decoding row attends through the per-row kernel, the prompt through the prefill kernel, each set
     alone: the decoding sequence's logits equal those it gets decoded alone, bit for bit."""
     prompt, chunk, nxt = tokens_of(6, 7, smollm2.n_vocab), tokens_of(30, 8, smollm2.n_vocab), 42
     alone = Context(smollm2, n_ctx=64)

@@ -43,7 +43,7 @@ VARIANTS: dict[str, list[str]] = {  # GGUFLM_KERNELS value -> -march flags
     "avx2": ["-march=haswell"],  # AVX2 + FMA + F16C, no AVX512
     "generic": ["-march=x86-64"],  # no AVX2: the plain C++ path
 }
-SOURCES = ("qmatmul.cpp", "packed.cpp", "attention.cpp", "rowwise.cpp", "layer.cpp")
+SOURCES = ("qmatmul.cpp", "packed.cpp", "attention.cpp", "prefill_attention.cpp", "rowwise.cpp", "layer.cpp")
 HEADERS = (
     "qmatmul.h",
     "vec_math.h",
@@ -96,7 +96,8 @@ class NativeKernels:
     (qmatmul.cpp); for every SUPPORTED format `repack(raw, qtype, n_out)` (8 rows' blocks side by side), its inverse
     `unpack(packed, qtype, n_out, r0, r1)` and `qmatmul_packed(x, packed, qtype, n_out, levels=1)`
     (packed.cpp); the decode
-    attention pair `rope_store` and `attend_cells` (attention.cpp), `rms_norm` and `gated` (rowwise.cpp), a whole
+    attention pair `rope_store` and `attend_cells` (attention.cpp), the prefill's `attend_prefill` and the
+    products it runs, `attend_prefill_isa()` (prefill_attention.cpp), `rms_norm` and `gated` (rowwise.cpp), a whole
     decode layer through them in one call, `decode_layer` (layer.cpp), and `isa()`."""
 
     def __init__(self, namespace: str, library: str) -> None:
@@ -109,6 +110,8 @@ class NativeKernels:
         self.qmatmul_packed = ops.qmatmul_packed
         self.rope_store = ops.rope_store
         self.attend_cells = ops.attend_cells
+        self.attend_prefill = ops.attend_prefill
+        self.attend_prefill_isa = ops.attend_prefill_isa
         self.rms_norm = ops.rms_norm
         self.gated = ops.gated
         self.decode_layer = ops.decode_layer

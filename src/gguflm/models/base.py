@@ -315,6 +315,13 @@ class Transformer:
         # native kernels for the decode attention (and, in QuantizedLinear, the matmuls); None: torch's
         use_native = w.mode == "fast" and use_native_kernels() and w.device.type == "cpu"
         self.kernels = kernels.native() if use_native else None
+        # prefill sets attend through kernels.attend_prefill where it has SIMD products (AVX2, AVX512), but
+        # soft-capped scores (Gemma 2) through torch's attention
+        self.native_prefill = (
+            self.kernels is not None
+            and self.kernels.attend_prefill_isa() != "generic"
+            and not args.attn_softcap
+        )
         a = args
         self.tok_embd = w.matrix("token_embd", a.n_vocab, a.n_embd)
         # frequency factors: Llama 3.1's rope_freqs; LongRoPE's (Phi-3) short ones, and long ones for
@@ -438,7 +445,8 @@ class Transformer:
 
         With native kernels (fast mode), q/k norms, rope and the cache write are one call, and sequence
         sets of at most NATIVE_ATTENTION_ROWS rows (decode) attend in another, each row computed alone;
-        larger sets (prefill) go through torch's fused attention."""
+        larger sets (prefill) in one call each (attend_prefill), or torch's attention where
+        `native_prefill` is off."""
         a = self.args
         T, hd = h.shape[0], a.head_dim
         n_head, n_head_kv = a.n_head, a.n_head_kv
@@ -452,11 +460,15 @@ class Transformer:
             q = native.rope_store(
                 qkv, rotation, at.q_norm, at.k_norm, a.norm_eps, keys, values, ub.cells, n_head
             )  # (T, n_head, hd)
-            sets = ub.cell_sets(at.window)  # ub.groups (same order), or the whole micro-batch
-            small = [s.rows.shape[1] <= NATIVE_ATTENTION_ROWS for s in sets]
-            if ub.groups is None and not small[0]:  # one set, a prefill: torch's attention
+            if not self.native_prefill and ub.groups is None and T > NATIVE_ATTENTION_ROWS:
                 return self.attend_torch(q.transpose(0, 1), at, il, ub)
             out = torch.empty_like(q)
+            if ub.groups is None and T > NATIVE_ATTENTION_ROWS:  # one set, a prefill: over cells 0..n_kv-1
+                all_cells = torch.arange(ub.n_kv)
+                self.attend_prefill(q, keys, values, all_cells[:T], all_cells, ub.masks[at.window], out)
+                return out.view(T, n_head * hd)
+            sets = ub.cell_sets(at.window)  # ub.groups (same order), or the whole micro-batch
+            small = [s.rows.shape[1] <= NATIVE_ATTENTION_ROWS for s in sets]
             few = [s for s, is_small in zip(sets, small, strict=True) if is_small]
             if few:  # every small set in one call
                 native.attend_cells(
@@ -470,9 +482,16 @@ class Transformer:
                     a.attn_softcap,
                     out,
                 )
-            # a prompt chunk beside decoding sequences (the server): torch's attention, for that set
+            # a prompt chunk beside decoding sequences (the server): each such set alone, as when prefilled alone
             for g in [g for is_small, g in zip(small, ub.groups or sets, strict=True) if not is_small]:
-                out[g.rows.flatten()] = self.attend_group(q.transpose(0, 1), g, at, il, ub).transpose(0, 1)
+                if not self.native_prefill:
+                    by_head = self.attend_group(q.transpose(0, 1), g, at, il, ub)  # (n_head, B R, hd)
+                    out[g.rows.flatten()] = by_head.transpose(0, 1)
+                    continue
+                mask = g.masks[at.window]  # (B, R, C) or None: causal
+                for b in range(g.rows.shape[0]):
+                    rows, cells = g.rows[b], g.cells[b]
+                    self.attend_prefill(q, keys, values, rows, cells, None if mask is None else mask[b], out)
             return out.view(T, n_head * hd)
         else:
             qk = qkv[:, : (n_head + n_head_kv) * hd].view(T, n_head + n_head_kv, hd)
@@ -489,6 +508,25 @@ class Transformer:
             kv.v[il].index_copy_(0, ub.cells, v)
             q = qk[:, :n_head].transpose(0, 1)  # (n_head, T, hd)
         return self.attend_torch(q, at, il, ub)
+
+    def attend_prefill(
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        rows: torch.Tensor,
+        cells: torch.Tensor,
+        mask: torch.Tensor | None,
+        out: torch.Tensor,
+    ) -> None:
+        """The native prefill attention (kernels/prefill_attention.cpp) of one sequence set: q (T, n_head, hd),
+        the layer's cache (n_ctx, n_head_kv, hd), the set's rows (R,) and cells (C,) in position order, mask
+        (R, C) or None (causal) -> out[rows]. Its products in bf16 where torch's attention would run in bf16
+        (attn_input). 512 causal rows of SmolLM2 on AMD EPYC Zen 4: 3.3x faster than torch's bf16 attention
+        (AVX512-BF16), 2x its fp32 attention with fp32 products (AVX512)."""
+        assert self.kernels is not None
+        bf16 = self.attn_dtype_prefill == torch.bfloat16 and len(rows) >= PREFILL_ROWS
+        self.kernels.attend_prefill(q, keys, values, rows, cells, mask, self.args.attn_scale, bf16, out)
 
     def attend_torch(self, q: torch.Tensor, at: Attention, il: int, ub: UBatch) -> torch.Tensor:
         """q (n_head, T, hd) rope'd, the micro-batch's keys and values in the cache -> (T, n_head hd)
