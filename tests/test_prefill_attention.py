@@ -107,6 +107,24 @@ def test_causal_matches_float64_and_torch(path: str, shape: tuple[int, int, int,
     assert torch.equal(_call(mod, q, k, v, rows, cells, _causal(T)), out)
 
 
+@pytest.mark.parametrize("path", _paths())
+@pytest.mark.parametrize("bf16", [False, True])
+def test_an_fp16_cache_gives_the_bits_of_its_fp32_copy(path: str, bf16: bool) -> None:
+    """The engine's default cache is fp16: its rows convert to fp32 exactly, so the kernel must give the
+    same bits as on the same values in an fp32 cache (causal and masked, GQA 3, a padded head dim)."""
+    mod = _module(path)
+    g = torch.Generator().manual_seed(11)
+    for T, n_head, n_kv, hd in ((130, 9, 3, 64), (37, 6, 2, 48)):
+        q = torch.randn(T, n_head, hd, generator=g)
+        k16, v16 = (torch.randn(T + 10, n_kv, hd, generator=g).half() for _ in range(2))
+        rows, cells = torch.arange(T), torch.randperm(T + 10, generator=g)[:T]
+        for mask in (None, torch.rand(T, T, generator=g) < 0.5):
+            out = _call(mod, q, k16, v16, rows, cells, mask, bf16)
+            assert torch.equal(out, _call(mod, q, k16.float(), v16.float(), rows, cells, mask, bf16))
+    with pytest.raises(RuntimeError, match="one dtype"):
+        _call(mod, q, k16, v16.float(), rows, cells, None)
+
+
 def _masks(T: int, g: torch.Generator) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(cells, mask (T, C)) for the micro-batches a prefill meets besides a fresh causal one."""
     seq = torch.arange(T) % 2  # two sequences' tokens interleaved, each causal over its own cells

@@ -29,9 +29,6 @@
 
 #include "vec_math.h"
 
-#if defined(__AVX__)
-#include <immintrin.h>
-#endif
 
 namespace {
 
@@ -82,31 +79,6 @@ void check_caches(const at::Tensor& k_cache, const at::Tensor& v_cache) {
     TORCH_CHECK(t->dim() == 3 && t->is_contiguous(), "caches must be contiguous (n_ctx, n_head_kv, head_dim)");
   }
   TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "k_cache and v_cache must have one dtype");
-}
-
-// a cache row as floats: the row itself (float32), or converted into buf (half)
-inline const float* as_floats(const float* row, float*, int64_t) { return row; }
-inline const float* as_floats(const at::Half* row, float* buf, int64_t n) {
-  int64_t i = 0;
-#if defined(__F16C__) && defined(__AVX__)
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(buf + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(row + i))));
-#endif
-  for (; i < n; ++i) buf[i] = float(row[i]);
-  return buf;
-}
-
-// floats -> a cache row, rounded to nearest even for half (as torch's .to(float16), so the Python path
-// writes the same cache)
-inline void store_row(const float* src, float* dst, int64_t n) {
-  if (src != dst) std::copy(src, src + n, dst);
-}
-inline void store_row(const float* src, at::Half* dst, int64_t n) {
-  int64_t i = 0;
-#if defined(__F16C__) && defined(__AVX__)
-  for (; i + 8 <= n; i += 8)
-    _mm_storeu_si128((__m128i*)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
-#endif
-  for (; i < n; ++i) dst[i] = at::Half(src[i]);
 }
 
 }  // namespace

@@ -7,9 +7,16 @@
 // stands in for everything smaller (the smallest normal float is 1.2e-38), e^88 for everything larger.
 #pragma once
 
+#include <c10/util/Half.h>
+
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 inline float fast_exp(float x) {
   x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
@@ -27,4 +34,30 @@ inline float fast_exp(float x) {
   float scale;
   std::memcpy(&scale, &bits, 4);
   return p * scale;
+}
+
+// KV cache rows (attention.cpp, prefill_attention.cpp) are float32 or IEEE half.
+// a cache row as floats: the row itself (float32), or converted into buf (half)
+inline const float* as_floats(const float* row, float*, int64_t) { return row; }
+inline const float* as_floats(const at::Half* row, float* buf, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__) && defined(__AVX__)
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(buf + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(row + i))));
+#endif
+  for (; i < n; ++i) buf[i] = float(row[i]);
+  return buf;
+}
+
+// floats -> a cache row, rounded to nearest even for half (as torch's .to(float16), so the Python path
+// writes the same cache)
+inline void store_row(const float* src, float* dst, int64_t n) {
+  if (src != dst) std::copy(src, src + n, dst);
+}
+inline void store_row(const float* src, at::Half* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__F16C__) && defined(__AVX__)
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128((__m128i*)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+  for (; i < n; ++i) dst[i] = at::Half(src[i]);
 }
