@@ -162,12 +162,17 @@ void attend_cells(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
     const bool* mp;
   };
   // A task is (set row, kv head, part): the query heads sharing a kv head read each key and value row
-  // once (converted once from fp16), in `split` parts so that a single row's step still has a task per
-  // thread or two. Each head's arithmetic is the same whatever the split: the same bits.
-  const int64_t group = n_head / n_kv;
+  // once (converted once from fp16), in `split` parts: the fewest parts for which the busiest thread has
+  // the fewest heads (a single row's step: Gemma 3's 4 heads of one kv head in 2 parts on 2 threads).
+  // Each head's arithmetic is the same whatever the split: the same bits.
+  const int64_t group = n_head / n_kv, threads = at::get_num_threads();
   int64_t n_rows = 0;
   for (const at::Tensor& r : rows) n_rows += r.numel();
-  const int64_t split = std::clamp<int64_t>((2 * at::get_num_threads() + n_rows * n_kv - 1) / std::max<int64_t>(1, n_rows * n_kv), 1, group);
+  int64_t split = 1, busiest = INT64_MAX;
+  for (int64_t s = 1; s <= group; ++s) {
+    const int64_t heads = (n_rows * n_kv * s + threads - 1) / threads * ((group + s - 1) / s);
+    if (heads < busiest) busiest = heads, split = s;
+  }
   const int64_t per = (group + split - 1) / split;  // query heads per task (fewer in a kv head's last part)
   std::vector<Group> groups;
   int64_t n_tasks = 0, C_max = 0;
