@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "vec_math.h"
@@ -116,17 +117,24 @@ at::Tensor rope_store(const at::Tensor& qkv, const at::Tensor& rot, const c10::o
   float* qp = q.data_ptr<float>();
   const int64_t width = (n_head + 2 * n_kv) * hd, heads = n_head + n_kv;
   auto run = [&](auto* kp, auto* vp) {
+    const auto kp_as_floats = [](auto* cache_row, float* row) -> float* {
+      if constexpr (std::is_same_v<decltype(cache_row), float*>)
+        return cache_row;
+      else
+        return row;
+    };
     at::parallel_for(0, T * heads, 16, [&](int64_t i0, int64_t i1) {
       std::vector<float> row(hd);
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t t = i / heads, h = i % heads;
         const float* in = src + t * width + h * hd;
-        float* out = h < n_head ? qp + (t * n_head + h) * hd : row.data();
+        const int64_t at_cell = (cp[t] * n_kv + (h - n_head)) * hd;  // a k head's place in the cache
+        // a q head and an fp32 cache's k head are computed where they go; an fp16 one's in `row`, then rounded
+        float* out = h < n_head ? qp + (t * n_head + h) * hd : kp_as_floats(kp + at_cell, row.data());
         std::copy(in, in + hd, out);
         if (norm) rms_norm_inplace(out, h < n_head ? qn : kn, hd, float(eps));
         rope_inplace(out, rp + t * rd, rd);
         if (h >= n_head) {  // a k head: it and its v head into the cache
-          const int64_t at_cell = (cp[t] * n_kv + (h - n_head)) * hd;
           store_row(out, kp + at_cell, hd);
           store_row(src + t * width + (n_head + n_kv + (h - n_head)) * hd, vp + at_cell, hd);
         }
