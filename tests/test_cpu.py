@@ -100,3 +100,32 @@ def test_fine_activations_bring_decode_closer_to_reference(
     monkeypatch.setenv("GGUFLM_ACTIVATIONS", "q4")
     with pytest.raises(ValueError, match="GGUFLM_ACTIVATIONS='q4'"):
         activation_levels()
+
+
+def test_auto_activations_refine_only_the_products_nearest_the_logits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GGUFLM_ACTIVATIONS=auto (the default): two levels for the output head and the last layer, one
+    elsewhere; a one-layer model is then all two-level, and its logits are q8x2's to the bit."""
+    if kernels.native() is None:
+        pytest.fail(f"the native kernels do not build here: {kernels.native_error}")
+    from gguflm.models.base import linears_of
+
+    monkeypatch.delenv("GGUFLM_ACTIVATIONS", raising=False)
+    path = make_tiny_model(tmp_path / "m.gguf", "llama", n_layer=3, weight_type=T.Q4_1, tied_output=False)
+    t = Model.load(path, mode="fast").transformer
+    levels = [[run.levels for lin in linears_of(layer) for run in lin.runs] for layer in t.layers]
+    assert levels[0] and levels[:-1] == [[1] * len(levels[0])] * 2 and levels[-1] == [2] * len(levels[0])
+    assert t.output.levels == 2
+
+    one = make_tiny_model(tmp_path / "one.gguf", "llama", n_layer=1, weight_type=T.Q4_1)
+    tokens = [5, 17, 99, 3]
+
+    def logits(value: str) -> torch.Tensor:
+        monkeypatch.setenv("GGUFLM_ACTIVATIONS", value)
+        ctx = Context(Model.load(one, mode="fast"), n_ctx=16)
+        assert ctx.decode(Batch.from_tokens(tokens)) == 0
+        return ctx.logits(-1).clone()
+
+    assert torch.equal(logits("auto"), logits("q8x2"))
+    assert not torch.equal(logits("auto"), logits("q8"))

@@ -563,7 +563,7 @@ class QuantizedLinear(torch.nn.Module):
             native = kernels.native() if self.device.type == "cpu" else None
             if native is None or self.qtype not in kernels.SUPPORTED:
                 raise ValueError(f"no native kernel for {self.qtype.name} on {self.device} here")
-            self._levels = activation_levels()  # 8-bit codes per activation: 1 (llama.cpp's) or 2
+            self.levels = activation_levels()  # 8-bit codes per activation: 1 (llama.cpp's) or 2
             # parts stacked in one buffer (one call, activations quantized once), copied with 8 rows' blocks
             # side by side (kernels/packed.cpp); rows() reads single rows of the file, prefill's chunks
             # come out of the copy (unpack)
@@ -723,11 +723,11 @@ class QuantizedLinear(torch.nn.Module):
         `mm`'s products; None where `mm` does not run on the native kernels."""
         if self.kernel != "native":
             return None
-        return self._raw, [int(self.qtype), self.out_features, self._levels]
+        return self._raw, [int(self.qtype), self.out_features, self.levels]
 
     def _native_mm(self, x2: torch.Tensor) -> torch.Tensor:
         """(M, in) fp32 -> (M, out) fp32 through the native kernels, on the repacked copy."""
-        return self._qmatmul(x2.float(), self._raw, int(self.qtype), self.out_features, self._levels)
+        return self._qmatmul(x2.float(), self._raw, int(self.qtype), self.out_features, self.levels)
 
     def _int4_mm(self, xb: torch.Tensor) -> torch.Tensor:
         """(M, in) bf16 -> (M, out) bf16 through the int4 kernel, activations laid out like the planes."""

@@ -101,6 +101,19 @@ void unpack_block(const PackedLegacy& f, const uint8_t* P, int r, uint8_t* dst) 
     for (int i = 0; i < 32; ++i) qs[i] ^= 0x80;
 }
 
+// the outputs acc[m][r] + lin[m][r] of group g for MT activation rows (scalar kernels; the vector ones'
+// store_groups below); with two activation levels (Q8Act::levels) rows 2m and 2m + 1 sum into y's row m
+template <int MT>
+inline void store_group(const float (&acc)[MT][8], const float (&lin)[MT][8], float* y, int64_t m0, int64_t N,
+                        int64_t g, int levels) {
+  for (int m = 0; m < MT; m += levels)
+    for (int r = 0; r < 8 && 8 * g + r < N; ++r) {
+      float v = acc[m][r] + lin[m][r];
+      if (levels == 2) v += acc[m + 1][r] + lin[m + 1][r];
+      y[(m0 + m) / levels * N + 8 * g + r] = v;
+    }
+}
+
 #if defined(__AVX2__)
 // The vector kernels are written once over "lanes": one int32/fp32 lane per weight row, 8 rows (a group) in
 // a 256-bit vector, or, where the CPU has 512-bit VNNI, 16 rows (groups g and g + 1) in a 512-bit vector,
@@ -184,16 +197,19 @@ struct Lanes16 {
 #endif
 
 // the outputs (acc + lin) of the V::GROUPS groups from g for each of MT activation rows; the last group
-// may be partial, groups past it are not written
+// may be partial, groups past it are not written. With two activation levels (Q8Act::levels), rows 2m and
+// 2m + 1 (m0 and MT are even) are summed into y's row m.
 template <class V>
 inline void store_groups(const typename V::F* acc, const typename V::F* lin, int MT, float* y, int64_t m0,
-                         int64_t N, int64_t g) {
-  for (int m = 0; m < MT; ++m) {
+                         int64_t N, int64_t g, int levels) {
+  for (int m = 0; m < MT; m += levels) {
     float out[8 * V::GROUPS];
-    V::store(lin ? V::add(acc[m], lin[m]) : acc[m], out);
+    typename V::F v = lin ? V::add(acc[m], lin[m]) : acc[m];
+    if (levels == 2) v = V::add(v, lin ? V::add(acc[m + 1], lin[m + 1]) : acc[m + 1]);
+    V::store(v, out);
     for (int h = 0; h < V::GROUPS; ++h) {
       const int64_t n0 = 8 * (g + h), n = std::min<int64_t>(8, N - n0);
-      if (n > 0) std::memcpy(y + (m0 + m) * N + n0, out + 8 * h, n * sizeof(float));
+      if (n > 0) std::memcpy(y + (m0 + m) / levels * N + n0, out + 8 * h, n * sizeof(float));
     }
   }
 }
@@ -212,10 +228,11 @@ inline void prefetch_ahead(const uint8_t* pb, int64_t next) {
 }
 
 // Runs Body<V>::run(g, ...) over groups [g0, g1): pairs in 512-bit lanes where built and the call has at
-// least WIDE_ROWS activation rows (a prefill: the weights come from cache, and the wide lanes' products
-// run ~15% faster), else one group at a time in 256-bit lanes. Streaming weights from memory (a decode
-// step's few rows) the pairs ran up to 2x slower on AMD Zen 4. The two give the same bits.
-constexpr int64_t WIDE_ROWS = 64;
+// least WIDE_ROWS activation rows (a prefill, or 16 decoding sequences: each weight byte serves enough rows
+// that the wide lanes' products run 5-15% faster), else one group at a time in 256-bit lanes. Streaming
+// weights from memory for a few rows (a decode step), the pairs ran up to 2x slower on AMD Zen 4. The two
+// give the same bits.
+constexpr int64_t WIDE_ROWS = 16;
 template <template <class> class Body, class... Args>
 inline void over_groups(int64_t rows, int64_t g0, int64_t g1, Args&&... args) {
   int64_t g = g0;
@@ -295,7 +312,7 @@ struct LegacyGroups {
           if constexpr (MIN) lin[m] = V::fmadd(mins, V::floats(xs[m * nb + b]), lin[m]);
         }
       }
-      store_groups<V>(acc, MIN ? lin : nullptr, MT, y, m0, N, g);
+      store_groups<V>(acc, MIN ? lin : nullptr, MT, y, m0, N, g, a.levels);
     }
   };
 #endif
@@ -335,8 +352,7 @@ struct LegacyGroups {
           }
         }
       }
-      for (int m = 0; m < MT; ++m)
-        for (int r = 0; r < 8 && 8 * g + r < N; ++r) y[(m0 + m) * N + 8 * g + r] = acc[m][r] + lin[m][r];
+      store_group<MT>(acc, lin, y, m0, N, g, a.levels);
     }
 #endif
   }
@@ -522,7 +538,7 @@ struct Q45KGroups {
           }
         }
       }
-      store_groups<V>(acc, lin, MT, y, m0, N, g);
+      store_groups<V>(acc, lin, MT, y, m0, N, g, a.levels);
     }
   };
 };
@@ -577,7 +593,7 @@ struct Q6KGroups {
           }
         }
       }
-      store_groups<V>(acc, nullptr, MT, y, m0, N, g);
+      store_groups<V>(acc, nullptr, MT, y, m0, N, g, a.levels);
     }
   };
 };
@@ -617,8 +633,7 @@ void packed_k_plain(const uint8_t* P, int64_t nsb, const Q8Act& a, int64_t m0, f
         }
       }
     }
-    for (int m = 0; m < MT; ++m)
-      for (int r = 0; r < 8 && 8 * g + r < N; ++r) y[(m0 + m) * N + 8 * g + r] = acc[m][r] + lin[m][r];
+    store_group<MT>(acc, lin, y, m0, N, g, a.levels);
   }
 }
 template <bool HIGH, int MT>
@@ -765,8 +780,7 @@ at::Tensor qmatmul_packed(const at::Tensor& x, const at::Tensor& packed, int64_t
   quantize_rows(xc.data_ptr<float>(), M, K, (int)levels, a);
   if (f.sums16) sums_of_16(a, K);
   const uint8_t* W = packed.data_ptr<uint8_t>();
-  at::Tensor y_act = levels == 1 ? y : at::empty({a.M, n_out}, x.options());
-  float* yp = y_act.data_ptr<float>();
+  float* yp = y.data_ptr<float>();  // two levels: the tiles sum each row's pair as they store
   const int64_t group_bytes = nb * f.group_bytes;
   const int64_t grain = std::max<int64_t>(1, 32768 / group_bytes);  // groups per task: ~32 KiB of weights
   at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
@@ -781,12 +795,6 @@ at::Tensor qmatmul_packed(const at::Tensor& x, const at::Tensor& packed, int64_t
       }
     }
   });
-  if (levels == 2) {
-    const float* ya = y_act.data_ptr<float>();
-    float* yo = y.data_ptr<float>();
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < n_out; ++n) yo[m * n_out + n] = ya[2 * m * n_out + n] + ya[(2 * m + 1) * n_out + n];
-  }
   return y;
 }
 

@@ -72,6 +72,7 @@ inline float f16_to_f32(const uint8_t* p) {
 // Activations of one tile of rows, quantized per block of 32.
 struct Q8Act {
   int64_t M = 0, nb = 0;     // rows, blocks of 32 per row
+  int levels = 1;            // activation rows per row of x (quantize_rows): 2m and 2m + 1 sum to x's row m
   std::vector<int8_t> q;     // (M, K) codes in -127..127
   std::vector<float> d;      // (M, nb) scales
   std::vector<float> s;      // (M, nb) d * sum of the block's codes
@@ -128,6 +129,7 @@ inline float quantize_block(const float* xb, int8_t* qb, int* sum) {
 // max|x_b| / 254, finer than bf16, for twice the integer work (weights are decoded once per tile).
 void quantize_rows(const float* x, int64_t M, int64_t K, int levels, Q8Act& a) {
   a.M = M * levels;
+  a.levels = levels;
   a.nb = K / 32;
   a.q.resize(a.M * K);
   a.d.resize(a.M * a.nb);

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from gguflm import kernels
 from gguflm.config import ModelArgs
-from gguflm.cpu import prefill_dtype, use_native_kernels
+from gguflm.cpu import activation_levels, prefill_dtype, use_native_kernels
 from gguflm.gguf_file import GGUFError, GGUFFile, TensorInfo
 from gguflm.kv_cache import KVCache
 from gguflm.models.rope import Rope, neox_head_order, neox_to_pairs, rope_frequencies
@@ -75,6 +75,21 @@ class Linear:
 
     def __repr__(self) -> str:
         return " + ".join(f"{r.qtype.name}({r.out_features}x{r.in_features})" for r in self.runs)
+
+
+def linears_of(layer: object) -> list[Linear]:
+    """The Linears of one layer: its fields' and those of its parts (the attention's)."""
+    found: list[Linear] = []
+
+    def walk(obj: object, depth: int) -> None:
+        if isinstance(obj, Linear):
+            found.append(obj)
+        elif depth < 3 and hasattr(obj, "__dict__"):
+            for value in vars(obj).values():
+                walk(value, depth + 1)
+
+    walk(layer, 0)
+    return found
 
 
 class Weights:
@@ -343,6 +358,10 @@ class Transformer:
         self.output_norm = w.vector("output_norm.weight", a.n_embd)
         self.output = self.tok_embd if a.tied_output else w.matrix("output", a.n_vocab, a.n_embd)
         w.finish()
+        near_logits = [self.output, *(run for lin in linears_of(self.layers[-1]) for run in lin.runs)]
+        for run in near_logits:
+            if isinstance(run, QuantizedLinear) and run.kernel == "native":  # not training's dense layers
+                run.levels = activation_levels(near_logits=True)
 
     # -- what a family provides --
 

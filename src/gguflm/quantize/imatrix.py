@@ -79,19 +79,9 @@ class Collector:
 
     def attach(self, transformer: object) -> Callable[[], None]:
         """Set this collector on every Linear of the model's layers; returns the function that detaches it."""
-        from gguflm.models.base import Linear
+        from gguflm.models.base import linears_of
 
-        found: list[Linear] = []
-
-        def walk(obj: object, depth: int) -> None:
-            if isinstance(obj, Linear):
-                found.append(obj)
-            elif depth < 3 and hasattr(obj, "__dict__"):
-                for value in vars(obj).values():
-                    walk(value, depth + 1)
-
-        for layer in transformer.layers:  # type: ignore[attr-defined]
-            walk(layer, 0)
+        found = [lin for layer in transformer.layers for lin in linears_of(layer)]  # type: ignore[attr-defined]
         for lin in found:
             lin.input_observer = self.observe
 
