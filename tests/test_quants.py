@@ -363,17 +363,20 @@ def test_int4_packing_across_chunks_and_odd_part_boundaries() -> None:
         assert float((fast(x) - want).abs().max() / want.abs().max()) < 1e-2
 
 
+@pytest.mark.parametrize(("qtype", "k"), [(QT.Q8_0, 64), (QT.Q4_K, 256)])
 def test_a_big_matrix_is_repacked_in_chunks_each_released_once_copied(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, qtype: QT, k: int
 ) -> None:
     """The chunked repack (big matrices, file pages released as the copy fills) gives the one-call
-    repack's bytes, and hands `release` every byte of the file's matrix exactly once."""
+    repack's bytes, and hands `release` every byte of the file's matrix exactly once (Q4_K: a packed
+    group is larger than its 8 rows in the file)."""
     if kernels.native() is None:
         pytest.fail(f"the native kernels did not build: {kernels.native_error}")
-    monkeypatch.setattr(quants, "_REPACK_CHUNK_BYTES", 40 * 68)  # 40 rows of Q8_0 at k=64 per chunk
-    data = weight(QT.Q8_0, (203, 64), 40)  # 203 rows: 5 chunks of 40, then 3 rows (a partial group)
+    row_bytes = quants.row_nbytes(qtype, k)
+    monkeypatch.setattr(quants, "_REPACK_CHUNK_BYTES", 40 * row_bytes)  # 40 rows per chunk
+    data = weight(qtype, (203, k), 40)  # 203 rows: 5 chunks of 40, then 3 rows (a partial group)
     released: list[torch.Tensor] = []
-    layer = QuantizedLinear(data, QT.Q8_0, (203, 64), release=released.append)
-    assert torch.equal(layer._raw, kernels.native().repack(data, int(QT.Q8_0), 203))
-    assert [c.numel() for c in released] == [40 * 68] * 5 + [3 * 68]
+    layer = QuantizedLinear(data, qtype, (203, k), release=released.append)
+    assert torch.equal(layer._raw, kernels.native().repack(data, int(qtype), 203))
+    assert [c.numel() for c in released] == [40 * row_bytes] * 5 + [3 * row_bytes]
     assert torch.equal(torch.cat(released), data)

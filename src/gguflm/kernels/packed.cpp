@@ -709,8 +709,8 @@ constexpr int MAX_TILE_LOG2 = 2;
 }  // namespace
 
 // raw: the GGUF bytes of W (n_out, K) in a format with a row-interleaved layout -> the same bytes in the x8
-// layout (ceil(n_out / 8) groups; rows past n_out zero)
-at::Tensor repack(const at::Tensor& raw, int64_t qtype, int64_t n_out) {
+// layout (ceil(n_out / 8) groups; rows past n_out zero), written into `out` (flat uint8 of that size)
+void repack_into(const at::Tensor& raw, int64_t qtype, int64_t n_out, const at::Tensor& out) {
   PackedFormat f;
   TORCH_CHECK(packed_lookup(qtype, f), "repack: ggml type ", qtype, " has no row-interleaved layout");
   TORCH_CHECK(raw.device().is_cpu() && raw.scalar_type() == at::kByte && raw.dim() == 1 && raw.is_contiguous(),
@@ -718,9 +718,11 @@ at::Tensor repack(const at::Tensor& raw, int64_t qtype, int64_t n_out) {
   TORCH_CHECK(n_out > 0 && raw.numel() % n_out == 0 && (raw.numel() / n_out) % f.bytes == 0,
               "repack: ", raw.numel(), " bytes are not ", n_out, " rows of whole ", f.bytes, "-byte blocks");
   const int64_t nb = raw.numel() / n_out / f.bytes, groups = (n_out + 7) / 8;
-  at::Tensor packed = at::empty({groups * nb * f.group_bytes}, raw.options());
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kByte && out.dim() == 1 && out.is_contiguous() &&
+                  out.numel() == groups * nb * f.group_bytes,
+              "repack: out must be a flat contiguous uint8 CPU tensor of ", groups * nb * f.group_bytes, " bytes");
   const uint8_t* src = raw.data_ptr<uint8_t>();
-  uint8_t* dst = packed.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g)
       for (int64_t b = 0; b < nb; ++b)
@@ -730,6 +732,23 @@ at::Tensor repack(const at::Tensor& raw, int64_t qtype, int64_t n_out) {
           f.pack(blk, r, dst + (g * nb + b) * f.group_bytes);
         }
   });
+}
+
+// bytes of W (n_out, K) in repack's layout
+int64_t packed_nbytes(int64_t qtype, int64_t n_out, int64_t K) {
+  PackedFormat f;
+  TORCH_CHECK(packed_lookup(qtype, f), "packed_nbytes: ggml type ", qtype, " has no row-interleaved layout");
+  TORCH_CHECK(n_out > 0 && K > 0 && K % f.qk == 0, "packed_nbytes: W (", n_out, ", ", K, ") is not whole blocks");
+  return (n_out + 7) / 8 * (K / f.qk) * f.group_bytes;
+}
+
+at::Tensor repack(const at::Tensor& raw, int64_t qtype, int64_t n_out) {
+  PackedFormat f;
+  TORCH_CHECK(packed_lookup(qtype, f), "repack: ggml type ", qtype, " has no row-interleaved layout");
+  TORCH_CHECK(n_out > 0 && raw.numel() % n_out == 0 && (raw.numel() / n_out) % f.bytes == 0,
+              "repack: ", raw.numel(), " bytes are not ", n_out, " rows of whole ", f.bytes, "-byte blocks");
+  at::Tensor packed = at::empty({(n_out + 7) / 8 * (raw.numel() / n_out / f.bytes) * f.group_bytes}, raw.options());
+  repack_into(raw, qtype, n_out, packed);
   return packed;
 }
 
@@ -800,6 +819,8 @@ at::Tensor qmatmul_packed(const at::Tensor& x, const at::Tensor& packed, int64_t
 
 TORCH_LIBRARY_FRAGMENT(GGUFLM_NS, m) {
   m.def("repack(Tensor raw, int qtype, int n_out) -> Tensor", &repack);
+  m.def("repack_into(Tensor raw, int qtype, int n_out, Tensor(a!) out) -> ()", &repack_into);
+  m.def("packed_nbytes(int qtype, int n_out, int K) -> int", &packed_nbytes);
   m.def("unpack(Tensor packed, int qtype, int n_out, int r0, int r1) -> Tensor", &unpack);
   m.def("qmatmul_packed(Tensor x, Tensor packed, int qtype, int n_out, int levels=1) -> Tensor", &qmatmul_packed);
 }
