@@ -105,8 +105,9 @@ def test_fine_activations_bring_decode_closer_to_reference(
 def test_auto_activations_refine_only_the_products_nearest_the_logits(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """GGUFLM_ACTIVATIONS=auto (the default): two levels for the output head and the last layer, one
-    elsewhere; a one-layer model is then all two-level, and its logits are q8x2's to the bit."""
+    """GGUFLM_ACTIVATIONS=auto (the default): two levels for the last layer and the output head (unless it
+    outweighs the layers), one elsewhere; a one-layer model with a small head is then all two-level, and its
+    logits are q8x2's to the bit."""
     if kernels.native() is None:
         pytest.fail(f"the native kernels do not build here: {kernels.native_error}")
     from gguflm.models.base import linears_of
@@ -116,7 +117,10 @@ def test_auto_activations_refine_only_the_products_nearest_the_logits(
     t = Model.load(path, mode="fast").transformer
     levels = [[run.levels for lin in linears_of(layer) for run in lin.runs] for layer in t.layers]
     assert levels[0] and levels[:-1] == [[1] * len(levels[0])] * 2 and levels[-1] == [2] * len(levels[0])
-    assert t.output.levels == 2
+    assert t.output.levels == 2  # 384 x 64 weights against the layers' 3 x 36864
+    big = make_tiny_model(tmp_path / "big.gguf", "llama", n_layer=1, n_vocab=1024, weight_type=T.Q4_1)
+    t = Model.load(big, mode="fast").transformer  # a head that outweighs the layers keeps one level
+    assert t.output.levels == 1 and {r.levels for lin in linears_of(t.layers[0]) for r in lin.runs} == {2}
 
     one = make_tiny_model(tmp_path / "one.gguf", "llama", n_layer=1, weight_type=T.Q4_1)
     tokens = [5, 17, 99, 3]

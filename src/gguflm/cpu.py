@@ -44,11 +44,11 @@ def activation_levels(near_logits: bool = False) -> int:
     """How many 8-bit codes the native kernels give each activation, by GGUFLM_ACTIVATIONS. q8: one, in
     blocks of 32, as llama.cpp does (SmolLM2 on GPL-3 against fp32: top-1 96.4%, KL 0.0031; llama.cpp
     96.0%, 0.0037). q8x2: two, the rounding left over quantized again, finer than bf16 (97.8%, 0.0009), for
-    twice the integer work. auto (default): q8, but q8x2 for the products `near_logits`, the output head
-    and the last layer, whose rounding reaches the logits unmixed (97.3%, 0.0017). A prefill keeps only its
-    output rows after the last layer's attention, so there auto adds ~1% to the integer work; a decode
-    step pays the head twice: +8% CPU time with 16 sequences for SmolLM2, +27% for Gemma 3's 262144-row
-    head (AMD EPYC Zen 4)."""
+    twice the integer work. auto (default): q8, but q8x2 for the products `near_logits`, whose rounding
+    reaches the logits unmixed: the last layer's, and the output head's unless it outweighs the layers
+    (Transformer.refine_near_logits; SmolLM2 97.3%, 0.0017). A prefill keeps only its output rows after the
+    last layer's attention, so there auto adds ~1% to the integer work; a decode step with 16 sequences
+    pays +8% CPU time for SmolLM2 (AMD EPYC Zen 4), one sequence next to nothing (the head streams memory)."""
     value = os.environ.get("GGUFLM_ACTIVATIONS", "auto").strip().lower() or "auto"
     if value not in ("auto", "q8", "q8x2"):
         raise ValueError(f"GGUFLM_ACTIVATIONS={value!r}: expected auto, q8 or q8x2")

@@ -358,8 +358,22 @@ class Transformer:
         self.output_norm = w.vector("output_norm.weight", a.n_embd)
         self.output = self.tok_embd if a.tied_output else w.matrix("output", a.n_vocab, a.n_embd)
         w.finish()
-        near_logits = [self.output, *(run for lin in linears_of(self.layers[-1]) for run in lin.runs)]
-        for run in near_logits:
+        self.refine_near_logits()
+
+    def refine_near_logits(self) -> None:
+        """Give the products nearest the logits their activation levels (cpu.activation_levels): the
+        last layer's, and the head's unless it outweighs all the layers' products together. A second
+        level doubles a product's integer work, which only shows with many rows: Gemma 3 270M's
+        262144-row head is 1.7x its 18 layers, and refining it made a 16-sequence step 27% longer (AMD
+        EPYC Zen 4), for KL 0.00207 -> 0.00164 on GPL-3; SmolLM2's head is a quarter of its layers, and
+        without it the same top token stays under 97% (96.7%)."""
+        runs = [run for layer in self.layers for lin in linears_of(layer) for run in lin.runs]
+        last = [run for lin in linears_of(self.layers[-1]) for run in lin.runs]
+        head = self.output
+        layer_weights = sum(run.out_features * run.in_features for run in runs)
+        if head.out_features * head.in_features <= layer_weights:
+            last.append(head)
+        for run in last:
             if isinstance(run, QuantizedLinear) and run.kernel == "native":  # not training's dense layers
                 run.levels = activation_levels(near_logits=True)
 
