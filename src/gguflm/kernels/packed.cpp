@@ -199,19 +199,27 @@ struct Lanes16 {
 // the outputs (acc + lin) of the V::GROUPS groups from g for each of MT activation rows; the last group
 // may be partial, groups past it are not written. With two activation levels (Q8Act::levels), rows 2m and
 // 2m + 1 (m0 and MT are even) are summed into y's row m.
-template <class V>
+template <class V, int LEVELS>
 inline void store_groups(const typename V::F* acc, const typename V::F* lin, int MT, float* y, int64_t m0,
-                         int64_t N, int64_t g, int levels) {
-  for (int m = 0; m < MT; m += levels) {
+                         int64_t N, int64_t g) {
+  for (int m = 0; m < MT; m += LEVELS) {  // LEVELS a constant: the loop unrolls and acc stays in registers
     float out[8 * V::GROUPS];
     typename V::F v = lin ? V::add(acc[m], lin[m]) : acc[m];
-    if (levels == 2) v = V::add(v, lin ? V::add(acc[m + 1], lin[m + 1]) : acc[m + 1]);
+    if constexpr (LEVELS == 2) v = V::add(v, lin ? V::add(acc[m + 1], lin[m + 1]) : acc[m + 1]);
     V::store(v, out);
     for (int h = 0; h < V::GROUPS; ++h) {
       const int64_t n0 = 8 * (g + h), n = std::min<int64_t>(8, N - n0);
-      if (n > 0) std::memcpy(y + (m0 + m) / levels * N + n0, out + 8 * h, n * sizeof(float));
+      if (n > 0) std::memcpy(y + (m0 + m) / LEVELS * N + n0, out + 8 * h, n * sizeof(float));
     }
   }
+}
+template <class V>
+inline void store_groups(const typename V::F* acc, const typename V::F* lin, int MT, float* y, int64_t m0,
+                         int64_t N, int64_t g, int levels) {
+  if (levels == 2)
+    store_groups<V, 2>(acc, lin, MT, y, m0, N, g);
+  else
+    store_groups<V, 1>(acc, lin, MT, y, m0, N, g);
 }
 
 // A block's weights AHEAD bytes on, in each of the V::GROUPS streams, asked for in L1 before they are
