@@ -93,9 +93,9 @@ def _build_key(flags: list[str]) -> str:
 
 class NativeKernels:
     """One build's operators (registered as torch.ops.<ns>): `qmatmul(x, raw, qtype, n_out, levels=1)`
-    (qmatmul.cpp); for every SUPPORTED format `repack(raw, qtype, n_out)` (8 rows' blocks side by side; `repack_into(raw, qtype, n_out, out)` writes them
-    into `out` of `packed_nbytes(qtype, n_out, k)`), its inverse
-    `unpack(packed, qtype, n_out, r0, r1)` and `qmatmul_packed(x, packed, qtype, n_out, levels=1)`
+    (qmatmul.cpp); for every SUPPORTED format `repack(raw, qtype, n_out)` (8 rows' blocks side by side;
+    `repack_into(raw, qtype, n_out, out)` writes them into `out` of `packed_nbytes(qtype, n_out, k)` bytes),
+    its inverse `unpack(packed, qtype, n_out, r0, r1)` and `qmatmul_packed(x, packed, qtype, n_out, levels=1)`
     (packed.cpp); the decode
     attention pair `rope_store` and `attend_cells` (attention.cpp), the prefill's `attend_prefill` and the
     products it runs, `attend_prefill_isa()` (prefill_attention.cpp), `rms_norm` and `gated` (rowwise.cpp), a whole
