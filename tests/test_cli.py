@@ -260,6 +260,19 @@ def test_bench_json_reports_every_measure(capsys: pytest.CaptureFixture[str], ti
     assert result["peak_rss_mb"] > 50  # the interpreter and torch alone take more
 
 
+def test_bench_greedy_rows_is_torchs_argmax_ties_included() -> None:
+    """The benchmark's greedy pick (numpy's argmax) is torch's: the first of equal maxima, row by row."""
+    import torch
+
+    from gguflm.bench import greedy_rows
+
+    logits = torch.randn(16, 262144, generator=torch.Generator().manual_seed(3))
+    logits[0, [7, 9]] = 100.0  # a tie: the lower id wins
+    logits[1, -1] = 100.0
+    assert greedy_rows(logits) == logits.argmax(-1).tolist()
+    assert greedy_rows(logits)[:2] == [7, 262143]
+
+
 @pytest.mark.parametrize("argv", [["-t", "0"], ["--npl", "100000000"]])
 def test_bench_bad_threads_or_impossible_context_is_an_error(
     capsys: pytest.CaptureFixture[str], argv: list[str]
