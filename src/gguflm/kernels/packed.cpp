@@ -755,7 +755,8 @@ at::Tensor repack(const at::Tensor& raw, int64_t qtype, int64_t n_out) {
   TORCH_CHECK(packed_lookup(qtype, f), "repack: ggml type ", qtype, " has no row-interleaved layout");
   TORCH_CHECK(n_out > 0 && raw.numel() % n_out == 0 && (raw.numel() / n_out) % f.bytes == 0,
               "repack: ", raw.numel(), " bytes are not ", n_out, " rows of whole ", f.bytes, "-byte blocks");
-  at::Tensor packed = at::empty({(n_out + 7) / 8 * (raw.numel() / n_out / f.bytes) * f.group_bytes}, raw.options());
+  const int64_t K = raw.numel() / n_out / f.bytes * f.qk;
+  at::Tensor packed = at::empty({packed_nbytes(qtype, n_out, K)}, raw.options());
   repack_into(raw, qtype, n_out, packed);
   return packed;
 }
