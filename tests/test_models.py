@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import gguf
@@ -298,3 +299,39 @@ def test_fused_decode_layer_gives_the_python_blocks_bits(
     # every layer of every step: the 4 one-row and 4 three-row steps, and the prompts (sets of 12-14 rows)
     assert fused_calls == 11 * model.args.n_layer
     assert torch.equal(fused, python_block)
+
+
+def test_native_layers_are_held_while_their_handle_lives(tmp_path: Path) -> None:
+    """The kernels keep a layer's weights under an id (NativeLayer) from its first decode step: an id
+    not (or no longer) registered is a clear error, not a crash, and dropping the handle frees them."""
+    path = make_tiny_model(tmp_path / "llama.gguf", "llama", seed=3, weight_type=T.Q8_0)
+    model = Model.load(path)
+    transformer = model.transformer
+    if transformer.kernels is None:
+        pytest.fail("the native kernels did not build on this machine")
+    ctx = Context(model, n_ctx=32)
+    assert ctx.decode(Batch.from_tokens([1, 2, 3])) == 0
+    assert ctx.decode(Batch.from_tokens([4], pos=[3])) == 0
+    handle = transformer._fused_args[0]
+    assert handle is not None
+    norm = transformer.layers[0].attn_norm
+    held = sys.getrefcount(norm)
+    x = torch.zeros(1, model.n_embd)
+    keys, values = ctx.kv.layers[0]
+    cells = torch.zeros(1, dtype=torch.long)
+    rot = torch.zeros(1, transformer.args.head_dim // 2, 2)
+    sets = ([torch.zeros(1, 1, dtype=torch.long)], [cells[None]], [torch.ones(1, 1, 1, dtype=torch.bool)])
+
+    def step(layer_id: int) -> torch.Tensor:
+        return transformer.kernels.decode_layer(x, layer_id, rot, keys, values, cells, *sets)
+
+    assert step(handle.id).shape == x.shape
+    with pytest.raises(RuntimeError, match="no layer with id"):
+        step(handle.id + 10_000)
+    layer_id = handle.id
+    transformer._fused_args.clear()
+    del handle
+    with pytest.raises(RuntimeError, match="no layer with id"):
+        step(layer_id)
+    assert sys.getrefcount(norm) < held  # the registry's reference to the norm weight is gone
+    assert ctx.decode(Batch.from_tokens([5], pos=[4])) == 0  # registered again at the next step

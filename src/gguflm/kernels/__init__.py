@@ -27,7 +27,10 @@ import logging
 import os
 import platform
 import sys
+import weakref
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import gguf
 import torch
@@ -99,7 +102,8 @@ class NativeKernels:
     (packed.cpp); the decode
     attention pair `rope_store` and `attend_cells` (attention.cpp), the prefill's `attend_prefill` and the
     products it runs, `attend_prefill_isa()` (prefill_attention.cpp), `rms_norm` and `gated` (rowwise.cpp), a whole
-    decode layer through them in one call, `decode_layer` (layer.cpp), and `isa()`."""
+    decode layer through them in one call, `decode_layer(x, layer.id, ...)` with the layer's weights
+    registered once (`layer(...)`, a `NativeLayer`; layer.cpp), and `isa()`."""
 
     def __init__(self, namespace: str, library: str) -> None:
         self.namespace = namespace
@@ -118,10 +122,26 @@ class NativeKernels:
         self.rms_norm = ops.rms_norm
         self.gated = ops.gated
         self.decode_layer = ops.decode_layer
+        self._decode_layer_new = ops.decode_layer_new
+        self._decode_layer_free = ops.decode_layer_free
         self.isa = ops.isa
+
+    def layer(self, *weights: Any) -> NativeLayer:
+        """A layer's weights and settings (layer.cpp's decode_layer_new arguments) registered for
+        decode_layer, for as long as the returned object lives."""
+        return NativeLayer(self._decode_layer_new(*weights), self._decode_layer_free)
 
     def __repr__(self) -> str:
         return f"NativeKernels({self.namespace}, isa={self.isa()})"
+
+
+class NativeLayer:
+    """The id under which the kernels hold a layer's weights (decode_layer_new); they let go of them
+    when this object is collected."""
+
+    def __init__(self, layer_id: int, free: Callable[[int], None]) -> None:
+        self.id = layer_id
+        weakref.finalize(self, free, layer_id)
 
 
 def _copy_source(src: Path, folder: Path) -> Path:

@@ -18,6 +18,9 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <memory>
+#include <mutex>
+#include <unordered_map>
 #include <vector>
 
 // the kernels of qmatmul.cpp, attention.cpp and rowwise.cpp
@@ -34,7 +37,6 @@ namespace {
 
 // x (T, in) -> (T, out): the runs' products side by side
 at::Tensor linear(const at::Tensor& x, at::TensorList w, at::IntArrayRef spec) {
-  TORCH_CHECK(!w.empty() && spec.size() == 3 * w.size(), "decode_layer: a linear needs 3 spec ints per run");
   std::vector<at::Tensor> outs;
   for (size_t i = 0; i < w.size(); ++i) outs.push_back(qmatmul_packed(x, w[i], spec[3 * i], spec[3 * i + 1], spec[3 * i + 2]));
   return outs.size() == 1 ? outs[0] : at::cat(outs, 1);
@@ -55,38 +57,102 @@ at::Tensor add_rows(const at::Tensor& a, const at::Tensor& b) {
 
 }  // namespace
 
-at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, at::TensorList qkv_w, at::IntArrayRef qkv_spec,
-                        const c10::optional<at::Tensor>& qkv_bias, const c10::optional<at::Tensor>& q_norm,
-                        const c10::optional<at::Tensor>& k_norm, const at::Tensor& rot, at::Tensor k_cache,
-                        at::Tensor v_cache, const at::Tensor& cells, at::TensorList set_rows, at::TensorList set_cells,
-                        at::TensorList set_masks, at::TensorList wo_w, at::IntArrayRef wo_spec,
-                        const c10::optional<at::Tensor>& attn_post_norm, const at::Tensor& ffn_norm,
-                        at::TensorList gate_up_w, at::IntArrayRef gate_up_spec, at::TensorList down_w,
-                        at::IntArrayRef down_spec, const c10::optional<at::Tensor>& ffn_post_norm, double eps,
-                        double scale, double softcap, int64_t n_head, bool gelu) {
+// A layer's weights and settings, registered once (decode_layer_new, at the layer's first decode step) and
+// named by an id: a step then passes 9 arguments instead of 28. Each argument of an operator call costs
+// Python-side checks and a conversion, which made the call ~15 of the ~18 us a small layer's step took. (An
+// id, not a torch custom class: passing a custom class object costs a thrown and caught C++ exception.)
+struct DecodeLayer {
+  at::Tensor attn_norm, ffn_norm;
+  std::vector<at::Tensor> qkv_w, wo_w, gate_up_w, down_w;
+  std::vector<int64_t> qkv_spec, wo_spec, gate_up_spec, down_spec;
+  c10::optional<at::Tensor> qkv_bias, q_norm, k_norm, attn_post_norm, ffn_post_norm;
+  double eps, scale, softcap;
+  int64_t n_head;
+  bool gelu;
+
+  DecodeLayer(at::Tensor attn_norm, std::vector<at::Tensor> qkv_w, std::vector<int64_t> qkv_spec,
+              c10::optional<at::Tensor> qkv_bias, c10::optional<at::Tensor> q_norm, c10::optional<at::Tensor> k_norm,
+              std::vector<at::Tensor> wo_w, std::vector<int64_t> wo_spec, c10::optional<at::Tensor> attn_post_norm,
+              at::Tensor ffn_norm, std::vector<at::Tensor> gate_up_w, std::vector<int64_t> gate_up_spec,
+              std::vector<at::Tensor> down_w, std::vector<int64_t> down_spec, c10::optional<at::Tensor> ffn_post_norm,
+              double eps, double scale, double softcap, int64_t n_head, bool gelu)
+      : attn_norm(std::move(attn_norm)), ffn_norm(std::move(ffn_norm)), qkv_w(std::move(qkv_w)),
+        wo_w(std::move(wo_w)), gate_up_w(std::move(gate_up_w)), down_w(std::move(down_w)),
+        qkv_spec(std::move(qkv_spec)), wo_spec(std::move(wo_spec)), gate_up_spec(std::move(gate_up_spec)),
+        down_spec(std::move(down_spec)), qkv_bias(std::move(qkv_bias)), q_norm(std::move(q_norm)),
+        k_norm(std::move(k_norm)), attn_post_norm(std::move(attn_post_norm)),
+        ffn_post_norm(std::move(ffn_post_norm)), eps(eps), scale(scale), softcap(softcap), n_head(n_head),
+        gelu(gelu) {
+    const auto check = [](const std::vector<at::Tensor>& w, const std::vector<int64_t>& spec) {
+      TORCH_CHECK(!w.empty() && spec.size() == 3 * w.size(), "DecodeLayer: a linear needs 3 spec ints per run");
+    };
+    check(this->qkv_w, this->qkv_spec);
+    check(this->wo_w, this->wo_spec);
+    check(this->gate_up_w, this->gate_up_spec);
+    check(this->down_w, this->down_spec);
+  }
+};
+
+std::mutex layers_mutex;
+std::unordered_map<int64_t, std::shared_ptr<const DecodeLayer>> layers;  // by id
+int64_t next_layer_id = 1;
+
+int64_t decode_layer_new(const at::Tensor& attn_norm, at::TensorList qkv_w, at::IntArrayRef qkv_spec,
+                         const c10::optional<at::Tensor>& qkv_bias, const c10::optional<at::Tensor>& q_norm,
+                         const c10::optional<at::Tensor>& k_norm, at::TensorList wo_w, at::IntArrayRef wo_spec,
+                         const c10::optional<at::Tensor>& attn_post_norm, const at::Tensor& ffn_norm,
+                         at::TensorList gate_up_w, at::IntArrayRef gate_up_spec, at::TensorList down_w,
+                         at::IntArrayRef down_spec, const c10::optional<at::Tensor>& ffn_post_norm, double eps,
+                         double scale, double softcap, int64_t n_head, bool gelu) {
+  auto layer = std::make_shared<const DecodeLayer>(
+      attn_norm, qkv_w.vec(), qkv_spec.vec(), qkv_bias, q_norm, k_norm, wo_w.vec(), wo_spec.vec(), attn_post_norm,
+      ffn_norm, gate_up_w.vec(), gate_up_spec.vec(), down_w.vec(), down_spec.vec(), ffn_post_norm, eps, scale,
+      softcap, n_head, gelu);
+  std::lock_guard<std::mutex> lock(layers_mutex);
+  layers[next_layer_id] = std::move(layer);
+  return next_layer_id++;
+}
+
+// drops the registry's hold on a layer's weights (a step still running on it keeps its own)
+void decode_layer_free(int64_t id) {
+  std::lock_guard<std::mutex> lock(layers_mutex);
+  layers.erase(id);
+}
+
+at::Tensor decode_layer(const at::Tensor& x, int64_t layer_id, const at::Tensor& rot,
+                        at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& cells, at::TensorList set_rows,
+                        at::TensorList set_cells, at::TensorList set_masks) {
   TORCH_CHECK(set_rows.size() == set_cells.size() && set_rows.size() == set_masks.size() && !set_rows.empty(),
               "decode_layer: sequence sets need rows, cells and a mask each");
-  at::Tensor h = rms_norm(x, attn_norm, eps);
-  at::Tensor qkv = linear(h, qkv_w, qkv_spec);
-  if (qkv_bias.has_value()) qkv = qkv + *qkv_bias;
-  const at::Tensor q = rope_store(qkv, rot, q_norm, k_norm, eps, k_cache, v_cache, cells, n_head);
+  std::shared_ptr<const DecodeLayer> layer;
+  {
+    std::lock_guard<std::mutex> lock(layers_mutex);
+    const auto it = layers.find(layer_id);
+    TORCH_CHECK(it != layers.end(), "decode_layer: no layer with id ", layer_id, " (decode_layer_new gives ids)");
+    layer = it->second;
+  }
+  const DecodeLayer& L = *layer;
+  const double eps = L.eps;
+  at::Tensor h = rms_norm(x, L.attn_norm, eps);
+  at::Tensor qkv = linear(h, L.qkv_w, L.qkv_spec);
+  if (L.qkv_bias.has_value()) qkv = qkv + *L.qkv_bias;
+  const at::Tensor q = rope_store(qkv, rot, L.q_norm, L.k_norm, eps, k_cache, v_cache, cells, L.n_head);
   at::Tensor attn = at::empty_like(q);  // (T, n_head, hd)
-  attend_cells(q, k_cache, v_cache, set_rows, set_cells, set_masks, scale, softcap, attn);
-  at::Tensor out = linear(attn.view({x.size(0), -1}), wo_w, wo_spec);
-  if (attn_post_norm.has_value()) out = rms_norm(out, *attn_post_norm, eps);
+  attend_cells(q, k_cache, v_cache, set_rows, set_cells, set_masks, L.scale, L.softcap, attn);
+  at::Tensor out = linear(attn.view({x.size(0), -1}), L.wo_w, L.wo_spec);
+  if (L.attn_post_norm.has_value()) out = rms_norm(out, *L.attn_post_norm, eps);
   const at::Tensor mid = add_rows(x, out);
-  h = rms_norm(mid, ffn_norm, eps);
-  out = linear(gated(linear(h, gate_up_w, gate_up_spec), gelu), down_w, down_spec);
-  if (ffn_post_norm.has_value()) out = rms_norm(out, *ffn_post_norm, eps);
+  h = rms_norm(mid, L.ffn_norm, eps);
+  out = linear(gated(linear(h, L.gate_up_w, L.gate_up_spec), L.gelu), L.down_w, L.down_spec);
+  if (L.ffn_post_norm.has_value()) out = rms_norm(out, *L.ffn_post_norm, eps);
   return add_rows(mid, out);
 }
 
 TORCH_LIBRARY_FRAGMENT(GGUFLM_NS, m) {
+  m.def("decode_layer_new", &decode_layer_new);
+  m.def("decode_layer_free", &decode_layer_free);
   m.def(
-      "decode_layer(Tensor x, Tensor attn_norm, Tensor[] qkv_w, int[] qkv_spec, Tensor? qkv_bias, Tensor? q_norm, "
-      "Tensor? k_norm, Tensor rot, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cells, Tensor[] set_rows, "
-      "Tensor[] set_cells, Tensor[] set_masks, Tensor[] wo_w, int[] wo_spec, Tensor? attn_post_norm, Tensor ffn_norm, "
-      "Tensor[] gate_up_w, int[] gate_up_spec, Tensor[] down_w, int[] down_spec, Tensor? ffn_post_norm, float eps, "
-      "float scale, float softcap, int n_head, bool gelu) -> Tensor",
+      "decode_layer(Tensor x, int layer, Tensor rot, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cells, "
+      "Tensor[] set_rows, Tensor[] set_cells, Tensor[] set_masks) -> Tensor",
       &decode_layer);
 }

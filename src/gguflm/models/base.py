@@ -326,7 +326,9 @@ class Transformer:
         # tokens than fp32 (AMX); 5x slower without it
         self.attn_dtype_prefill = prefill_dtype() if w.mode == "fast" else torch.float32
         self.observers: list[Observer] = []
-        self._fused_args: dict[int, Any] = {}  # by layer: _decode_layer_args, built on first use
+        self._fused_args: dict[
+            int, kernels.NativeLayer | None
+        ] = {}  # by layer: _decode_layer_args, at first use
         # native kernels for the decode attention (and, in QuantizedLinear, the matmuls); None: torch's
         use_native = w.mode == "fast" and use_native_kernels() and w.device.type == "cpu"
         self.kernels = kernels.native() if use_native else None
@@ -679,14 +681,13 @@ class Transformer:
         fixed = self._fused_args[il]
         if fixed is None:
             return None
-        before, after = fixed
         assert self.kernels is not None
         keys, values = ub.kv.layers[il]  # (n_ctx, n_head_kv, hd)
         sets = ub.cell_sets(at.window)
         rotation = ub.rotation_pairs(self.rope_of(at, ub.long_context))
         x = self.kernels.decode_layer(
             x,
-            *before,
+            fixed.id,
             rotation,
             keys,
             values,
@@ -694,22 +695,27 @@ class Transformer:
             [s.rows for s in sets],
             [s.cells for s in sets],
             [s.masks[at.window] for s in sets],
-            *after,
         )
         return self.keep_outputs(il, ub, x)[0]
 
-    def _decode_layer_args(self, layer: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]] | None:
-        """A layer's weights and settings as kernels.decode_layer takes them, around the per-step arguments
-        (rotation, cache, cells, sequence sets): built once, ~20 us a layer of Python per step otherwise.
-        None where a linear is not on the native kernels or a bias is elsewhere than on q/k/v."""
+    def _decode_layer_args(self, layer: Any) -> kernels.NativeLayer | None:
+        """A layer's weights and settings registered once with the kernels, what decode_layer takes besides
+        the step's own arguments (rotation, cache, cells, sequence sets). None where a linear is not on the
+        native kernels or a bias is elsewhere than on q/k/v."""
         at: Attention = layer.attn
         runs = [lin.native_runs() for lin in (at.qkv, at.wo, layer.gate_up, layer.down)]
         if any(r is None for r in runs) or any(r[2] is not None for r in runs[1:]):  # type: ignore[index]
             return None
         (qkv_w, qkv_spec, qkv_bias), (wo_w, wo_spec, _), (gu_w, gu_spec, _), (down_w, down_spec, _) = runs  # type: ignore[misc]
         a = self.args
-        before = (layer.attn_norm, qkv_w, qkv_spec, qkv_bias, at.q_norm, at.k_norm)
-        after = (
+        assert self.kernels is not None
+        return self.kernels.layer(
+            layer.attn_norm,
+            qkv_w,
+            qkv_spec,
+            qkv_bias,
+            at.q_norm,
+            at.k_norm,
             wo_w,
             wo_spec,
             getattr(layer, "attn_post_norm", None),
@@ -725,7 +731,6 @@ class Transformer:
             a.n_head,
             self.gelu_ffn,
         )
-        return before, after
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(n, n_embd) normed hidden states -> (n, n_vocab) float32 logits."""
