@@ -373,10 +373,12 @@ def test_a_big_matrix_is_repacked_in_chunks_each_released_once_copied(
     if kernels.native() is None:
         pytest.fail(f"the native kernels did not build: {kernels.native_error}")
     row_bytes = quants.row_nbytes(qtype, k)
-    monkeypatch.setattr(quants, "_REPACK_CHUNK_BYTES", 40 * row_bytes)  # 40 rows per chunk
-    data = weight(qtype, (203, k), 40)  # 203 rows: 5 chunks of 40, then 3 rows (a partial group)
+    monkeypatch.setattr(
+        quants, "_REPACK_CHUNK_BYTES", 48 * row_bytes
+    )  # 48 rows (3 pairs of groups) per chunk
+    data = weight(qtype, (203, k), 40)  # 203 rows: 4 chunks of 48, then 11 rows (a partial pair)
     released: list[torch.Tensor] = []
     layer = QuantizedLinear(data, qtype, (203, k), release=released.append)
     assert torch.equal(layer._raw, kernels.native().repack(data, int(qtype), 203))
-    assert [c.numel() for c in released] == [40 * row_bytes] * 5 + [3 * row_bytes]
+    assert [c.numel() for c in released] == [48 * row_bytes] * 4 + [11 * row_bytes]
     assert torch.equal(torch.cat(released), data)

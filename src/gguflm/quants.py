@@ -623,18 +623,19 @@ class QuantizedLinear(torch.nn.Module):
         self, native: kernels.NativeKernels, raw: torch.Tensor, release: Callable[[torch.Tensor], None] | None
     ) -> torch.Tensor:
         """The native kernels' row-interleaved copy of `raw` (all rows' file bytes) in 2 MiB pages
-        (_WeightPages), made _REPACK_CHUNK_BYTES of rows at a time (whole groups of 8 rows), each chunk
-        handed to `release` once copied."""
+        (_WeightPages), made _REPACK_CHUNK_BYTES of rows at a time (whole pairs of 8-row groups: the
+        unit of the layout, see kernels/packed.cpp), each chunk handed to `release` once copied."""
         n, row_bytes, qtype = self.out_features, self._row_bytes, int(self.qtype)
-        packed = _weight_pages.take(native.packed_nbytes(qtype, n, self.in_features))
-        group_bytes = packed.numel() // ((n + 7) // 8)  # 8 rows' blocks side by side
-        step = n if release is None else max(8, _REPACK_CHUNK_BYTES // row_bytes // 8 * 8)
+        k = self.in_features
+        packed = _weight_pages.take(native.packed_nbytes(qtype, n, k))
+        step = n if release is None else max(16, _REPACK_CHUNK_BYTES // row_bytes // 16 * 16)
         for r0 in range(0, n, step):
             r1 = min(n, r0 + step)
             chunk = raw[r0 * row_bytes : r1 * row_bytes]
+            start = native.packed_nbytes(qtype, r0, k) if r0 else 0  # r0: whole pairs of groups
             # rows past r1 padded: only in the last chunk
             native.repack_into(
-                chunk, qtype, r1 - r0, packed[r0 // 8 * group_bytes : (r1 + 7) // 8 * group_bytes]
+                chunk, qtype, r1 - r0, packed[start : start + native.packed_nbytes(qtype, r1 - r0, k)]
             )
             if release is not None:
                 release(chunk)

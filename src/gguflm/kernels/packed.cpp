@@ -15,8 +15,13 @@ namespace {
 // broadcast activation codes then sums each row in its own lane, the 8 scales convert in one
 // instruction, and a row group's 8 outputs are one vector store. Nothing is summed across lanes.
 //
-// Group g = rows 8g..8g+7 (rows past n_out are zero: scale 0); its blocks follow each other. Block b
-// of a group, 8 x the format's block size in all:
+// Group g = rows 8g..8g+7 (rows past n_out are zero: scale 0). Where the kernels read groups in pairs
+// (AVX512 VNNI builds), groups 2p and 2p + 1 form pair p (an odd last group gets an all-zero partner) and
+// take turns block by block: group 2p's block 0, group 2p + 1's block 0, group 2p's block 1, ...; else
+// a group's blocks follow each other (GroupLayout). Read side by side, a pair's blocks are then one run
+// of memory: with each group's blocks in a run of their own, the pairs read two runs at once, which the
+// hardware prefetcher follows badly (16-row products 15% slower streaming, single rows 8%, AMD Zen 4).
+// Block b of a group, 8 x the format's block size:
 //   d[8]  f16                      the 8 rows' scales (lane r = row 8g + r)
 //   m[8]  f16                      (Q4_1, Q5_1) their mins
 //   qh[8] u32                      (Q5_0, Q5_1) 5th bits, rearranged: byte t, bit k   = element 4k + t,
@@ -54,6 +59,26 @@ constexpr bool Q8_UNSIGNED = true;
 #else
 constexpr bool Q8_UNSIGNED = false;
 #endif
+
+// Where a group's blocks lie (nb blocks of gb bytes): pairs taking turns block by block (the 32-element
+// formats, where the 512-bit kernels read pairs), or each group's blocks in a run, one group after
+// another (the K-quants: their 1-2 KB blocks put a pair's two halves too far apart for the hardware
+// prefetcher to see one run, and single-row products streamed 2-3x slower paired; and every format
+// of the AVX2 and plain builds, whose kernels take one group at a time: 4-row products ~15% slower
+// paired, AMD Zen 4)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+constexpr bool PAIRED_32 = true;
+#else
+constexpr bool PAIRED_32 = false;
+#endif
+struct GroupLayout {
+  bool paired;
+  int64_t nb, gb;
+  int64_t groups(int64_t n_out) const { return paired ? (n_out + 15) / 16 * 2 : (n_out + 7) / 8; }
+  int64_t start(int64_t g) const { return paired ? ((g >> 1) * 2 * nb + (g & 1)) * gb : g * nb * gb; }
+  int64_t step() const { return paired ? 2 * gb : gb; }       // block b -> b + 1 of a group
+  int64_t partner() const { return paired ? gb : nb * gb; }  // group g's block -> group g + 1's (paired: g even)
+};
 
 // Where the parts of one file block (format with a min? 5th bits? 8-bit codes?) go in a packed group.
 struct PackedLegacy {
@@ -119,7 +144,7 @@ inline void store_group(const float (&acc)[MT][8], const float (&lin)[MT][8], fl
 // a 256-bit vector, or, where the CPU has 512-bit VNNI, 16 rows (groups g and g + 1) in a 512-bit vector,
 // so that a broadcast activation dword, a scale conversion and an fmadd serve twice the rows (over_groups
 // says when). Lane for lane both run the same operations: the same bits.
-// Loads take the group's address p and the distance to the next group's same bytes (used by Lanes16).
+// Loads take the group's address p and the distance to its pair partner's same bytes (used by Lanes16).
 struct Lanes8 {
   static constexpr int GROUPS = 1;
   using I = __m256i;
@@ -235,17 +260,20 @@ inline void prefetch_ahead(const uint8_t* pb, int64_t next) {
       for (int h = 0; h < V::GROUPS; ++h) _mm_prefetch((const char*)(pb + h * next + AHEAD + o), _MM_HINT_T0);
 }
 
-// Runs Body<V>::run(g, ...) over groups [g0, g1): pairs in 512-bit lanes where built and the call has at
-// least WIDE_ROWS activation rows (a prefill, or 16 decoding sequences: each weight byte serves enough rows
-// that the wide lanes' products run 5-15% faster), else one group at a time in 256-bit lanes. Streaming
-// weights from memory for a few rows (a decode step), the pairs ran up to 2x slower on AMD Zen 4. The two
-// give the same bits.
-constexpr int64_t WIDE_ROWS = 16;
+// Runs Body<V>::run(g, ...) over groups [g0, g1), in 512-bit lanes a pair at a time where built (Lanes16:
+// a broadcast activation dword, a scale conversion and an fmadd serve 16 rows), else (and for an odd group
+// at either end) one group at a time in 256-bit lanes. Pairs laid out side by side (Body::PAIRED) beat
+// single groups at every row count on AMD Zen 4 (one row ~5%, 16 rows ~15% faster streaming); pairs of
+// groups laid out apart (the K-quants) only from 16 activation rows (5-8% faster for 16 decoding
+// sequences; for a few rows up to 2x slower streaming). The two give the same bits.
+constexpr int64_t UNPAIRED_WIDE_ROWS = 16;  // unpaired groups: Lanes16 from this many activation rows
 template <template <class> class Body, class... Args>
 inline void over_groups(int64_t rows, int64_t g0, int64_t g1, Args&&... args) {
   int64_t g = g0;
 #if WIDE_GROUPS
-  if (rows >= WIDE_ROWS)
+  constexpr bool PAIRED = Body<Lanes8>::PAIRED;
+  if (PAIRED && (g & 1) && g < g1) Body<Lanes8>::run(g++, args...);  // a pair is groups 2p and 2p + 1
+  if (PAIRED || rows >= UNPAIRED_WIDE_ROWS)
     for (; g + 1 < g1; g += 2) Body<Lanes16>::run(g, args...);
 #endif
   for (; g < g1; ++g) Body<Lanes8>::run(g, args...);
@@ -265,19 +293,21 @@ struct LegacyGroups {
 #if defined(__AVX2__)
   template <class V>
   struct Body {
+    static constexpr bool PAIRED = PAIRED_32;
     static void run(int64_t g, const uint8_t* P, int64_t nb, const Q8Act& a, int64_t m0, float* y, int64_t N) {
-      const int64_t K = nb * 32, next = nb * GB;  // next: group g + 1's same bytes
+      const GroupLayout L{PAIRED, nb, GB};
+      const int64_t K = nb * 32, next = L.partner();
       const int8_t* xq = a.q.data() + m0 * K;
       const float* xd = a.d.data() + m0 * nb;
       const float* xs = a.s.data() + m0 * nb;
       const int32_t* xi = a.si.data() + m0 * nb;
-      const uint8_t* pg = P + g * next;
+      const uint8_t* pg = P + L.start(g);
       using I = typename V::I;
       using F = typename V::F;
       F acc[MT], lin[MT];
       for (int m = 0; m < MT; ++m) acc[m] = lin[m] = V::fzero();
       for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* pb = pg + b * GB;
+        const uint8_t* pb = pg + b * L.step();
         prefetch_ahead<V, GB, MT>(pb, next);
         const F d = V::f16(pb, next);
         I isum[MT];
@@ -336,10 +366,11 @@ struct LegacyGroups {
     const float* xs = a.s.data() + m0 * nb;
     const int32_t* xi = a.si.data() + m0 * nb;
     for (int64_t g = g0; g < g1; ++g) {
-      const uint8_t* pg = P + g * nb * GB;
+      const GroupLayout L{PAIRED_32, nb, GB};
+      const uint8_t* pg = P + L.start(g);
       float acc[MT][8] = {}, lin[MT][8] = {};
       for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* pb = pg + b * GB;
+        const uint8_t* pb = pg + b * L.step();
         for (int r = 0; r < 8; ++r) {
           uint8_t blk[34];
           unpack_block(f, pb, r, blk);
@@ -506,20 +537,22 @@ template <bool HIGH, int MT>
 struct Q45KGroups {
   template <class V>
   struct Body {
+    static constexpr bool PAIRED = false;
     static void run(int64_t g, const uint8_t* P, int64_t nsb, const Q8Act& a, int64_t m0, float* y, int64_t N) {
       constexpr int GB = HIGH ? 1440 : 1184, QS = K4_HEAD + 256 * HIGH;
-      const int64_t K = nsb * 256, nb = a.nb, next = nsb * GB;
+      const GroupLayout L{PAIRED, nsb, GB};
+      const int64_t K = nsb * 256, nb = a.nb, next = L.partner();
       const int8_t* xq = a.q.data() + m0 * K;
       const float* xd = a.d.data() + m0 * nb;
       const float* xs = a.s.data() + m0 * nb;
       using I = typename V::I;
       using F = typename V::F;
       const I low4 = V::bytes(0x0F), bit4 = V::bytes(0x10);
-      const uint8_t* pg = P + g * next;
+      const uint8_t* pg = P + L.start(g);
       F acc[MT], lin[MT];
       for (int m = 0; m < MT; ++m) acc[m] = lin[m] = V::fzero();
       for (int64_t b = 0; b < nsb; ++b) {
-        const uint8_t* pb = pg + b * GB;
+        const uint8_t* pb = pg + b * L.step();
         prefetch_ahead<V, GB, MT>(pb, next);
         const F d = V::f16(pb + K4_D, next), dmin = V::f16(pb + K4_DMIN, next);
 #pragma GCC unroll 8
@@ -562,20 +595,22 @@ template <int MT>
 struct Q6KGroups {
   template <class V>
   struct Body {
+    static constexpr bool PAIRED = false;
     static void run(int64_t g, const uint8_t* P, int64_t nsb, const Q8Act& a, int64_t m0, float* y, int64_t N) {
       constexpr int GB = 1680;
-      const int64_t K = nsb * 256, nb = a.nb, n16 = K / 16, next = nsb * GB;
+      const GroupLayout L{PAIRED, nsb, GB};
+      const int64_t K = nsb * 256, nb = a.nb, n16 = K / 16, next = L.partner();
       const int8_t* xq = a.q.data() + m0 * K;
       const float* xd = a.d.data() + m0 * nb;
       const int32_t* x16 = a.s16.data() + m0 * n16;
       using I = typename V::I;
       using F = typename V::F;
       const I low4 = V::bytes(0x0F), high2 = V::bytes(0x30);
-      const uint8_t* pg = P + g * next;
+      const uint8_t* pg = P + L.start(g);
       F acc[MT];
       for (int m = 0; m < MT; ++m) acc[m] = V::fzero();
       for (int64_t b = 0; b < nsb; ++b) {
-        const uint8_t* pb = pg + b * GB;
+        const uint8_t* pb = pg + b * L.step();
         prefetch_ahead<V, GB, MT>(pb, next);
         const F d = V::f16(pb + K6_D, next);
 #pragma GCC unroll 8
@@ -624,7 +659,7 @@ void packed_k_plain(const uint8_t* P, int64_t nsb, const Q8Act& a, int64_t m0, f
   for (int64_t g = g0; g < g1; ++g) {
     float acc[MT][8] = {}, lin[MT][8] = {};
     for (int64_t b = 0; b < nsb; ++b) {
-      const uint8_t* pb = P + (g * nsb + b) * GB;
+      const uint8_t* pb = P + (g * nsb + b) * GB;  // the K-quants' groups are not paired (GroupLayout)
       for (int r = 0; r < 8; ++r) {
         uint8_t blk[F::BYTES];
         UNPACK(pb, r, blk);
@@ -665,6 +700,8 @@ struct PackedFormat {
   void (*unpack)(const uint8_t* P, int r, uint8_t* dst);  // lane r of P -> the file block
   PackedFn tile[4];                                       // MT = 1, 2, 4, 8
   bool sums16;                                            // the kernel reads a.s16
+  bool paired;                                            // GroupLayout
+  GroupLayout layout(int64_t nb) const { return {paired, nb, group_bytes}; }
 };
 
 template <bool MIN, bool HIGH, bool Q8>
@@ -680,14 +717,15 @@ void unpack_legacy(const uint8_t* P, int r, uint8_t* dst) {
 template <bool MIN, bool HIGH, bool Q8>
 PackedFormat legacy_format() {
   constexpr int bytes = 18 + 2 * MIN + 4 * HIGH + 16 * Q8;
-  PackedFormat p{32, bytes, 8 * bytes, &pack_legacy<MIN, HIGH, Q8>, &unpack_legacy<MIN, HIGH, Q8>, {}, false};
+  PackedFormat p{32, bytes, 8 * bytes, &pack_legacy<MIN, HIGH, Q8>, &unpack_legacy<MIN, HIGH, Q8>, {}, false, PAIRED_32};
   packed_tiles<MIN, HIGH, Q8>(p.tile);
   return p;
 }
 template <bool HIGH>
 PackedFormat q45_k_format() {
   return {256, HIGH ? 176 : 144, HIGH ? 1440 : 1184, &pack_q45_k<HIGH>, &unpack_q45_k<HIGH>,
-          {&packed_q45_k<HIGH, 1>, &packed_q45_k<HIGH, 2>, &packed_q45_k<HIGH, 4>, &packed_q45_k<HIGH, 8>}, false};
+          {&packed_q45_k<HIGH, 1>, &packed_q45_k<HIGH, 2>, &packed_q45_k<HIGH, 4>, &packed_q45_k<HIGH, 8>}, false,
+          false};
 }
 
 bool packed_lookup(int64_t qtype, PackedFormat& p) {
@@ -701,7 +739,7 @@ bool packed_lookup(int64_t qtype, PackedFormat& p) {
     case T_Q5_K: p = q45_k_format<true>(); return true;
     case T_Q6_K:
       p = {256, 210, 1680, &pack_q6_k, &unpack_q6_k,
-           {&packed_q6_k<1>, &packed_q6_k<2>, &packed_q6_k<4>, &packed_q6_k<8>}, true};
+           {&packed_q6_k<1>, &packed_q6_k<2>, &packed_q6_k<4>, &packed_q6_k<8>}, true, false};
       return true;
     default: return false;
   }
@@ -717,7 +755,7 @@ constexpr int MAX_TILE_LOG2 = 2;
 }  // namespace
 
 // raw: the GGUF bytes of W (n_out, K) in a format with a row-interleaved layout -> the same bytes in the x8
-// layout (ceil(n_out / 8) groups; rows past n_out zero), written into `out` (flat uint8 of that size)
+// layout (GroupLayout::groups(n_out) groups; rows past n_out zero), written into `out` (flat uint8 of that size)
 void repack_into(const at::Tensor& raw, int64_t qtype, int64_t n_out, const at::Tensor& out) {
   PackedFormat f;
   TORCH_CHECK(packed_lookup(qtype, f), "repack: ggml type ", qtype, " has no row-interleaved layout");
@@ -725,7 +763,9 @@ void repack_into(const at::Tensor& raw, int64_t qtype, int64_t n_out, const at::
               "repack: raw must be a flat contiguous uint8 CPU tensor");
   TORCH_CHECK(n_out > 0 && raw.numel() % n_out == 0 && (raw.numel() / n_out) % f.bytes == 0,
               "repack: ", raw.numel(), " bytes are not ", n_out, " rows of whole ", f.bytes, "-byte blocks");
-  const int64_t nb = raw.numel() / n_out / f.bytes, groups = (n_out + 7) / 8;
+  const int64_t nb = raw.numel() / n_out / f.bytes;
+  const GroupLayout L = f.layout(nb);
+  const int64_t groups = L.groups(n_out);
   TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kByte && out.dim() == 1 && out.is_contiguous() &&
                   out.numel() == groups * nb * f.group_bytes,
               "repack: out must be a flat contiguous uint8 CPU tensor of ", groups * nb * f.group_bytes, " bytes");
@@ -737,7 +777,7 @@ void repack_into(const at::Tensor& raw, int64_t qtype, int64_t n_out, const at::
         for (int r = 0; r < 8; ++r) {
           const int64_t row = 8 * g + r;
           const uint8_t* blk = row < n_out ? src + (row * nb + b) * f.bytes : nullptr;
-          f.pack(blk, r, dst + (g * nb + b) * f.group_bytes);
+          f.pack(blk, r, dst + L.start(g) + b * L.step());
         }
   });
 }
@@ -747,7 +787,8 @@ int64_t packed_nbytes(int64_t qtype, int64_t n_out, int64_t K) {
   PackedFormat f;
   TORCH_CHECK(packed_lookup(qtype, f), "packed_nbytes: ggml type ", qtype, " has no row-interleaved layout");
   TORCH_CHECK(n_out > 0 && K > 0 && K % f.qk == 0, "packed_nbytes: W (", n_out, ", ", K, ") is not whole blocks");
-  return (n_out + 7) / 8 * (K / f.qk) * f.group_bytes;
+  const int64_t nb = K / f.qk;
+  return f.layout(nb).groups(n_out) * nb * f.group_bytes;
 }
 
 at::Tensor repack(const at::Tensor& raw, int64_t qtype, int64_t n_out) {
@@ -768,17 +809,19 @@ at::Tensor unpack(const at::Tensor& packed, int64_t qtype, int64_t n_out, int64_
   TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kByte && packed.dim() == 1 &&
                   packed.is_contiguous(), "unpack: packed must be a flat contiguous uint8 CPU tensor");
   TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= n_out, "unpack: rows [", r0, ", ", r1, ") are outside [0, ", n_out, ")");
-  const int64_t groups = (n_out + 7) / 8;
+  const int64_t groups = f.layout(1).groups(n_out);
   TORCH_CHECK(packed.numel() % (groups * f.group_bytes) == 0, "unpack: ", packed.numel(),
               " bytes are not ", groups, " packed row groups");
   const int64_t nb = packed.numel() / (groups * f.group_bytes);
+  const GroupLayout L = f.layout(nb);
   at::Tensor raw = at::empty({(r1 - r0) * nb * f.bytes}, packed.options());
   const uint8_t* src = packed.data_ptr<uint8_t>();
   uint8_t* dst = raw.data_ptr<uint8_t>();
   at::parallel_for(r0, r1, 64, [&](int64_t a0, int64_t a1) {
     for (int64_t row = a0; row < a1; ++row)
       for (int64_t b = 0; b < nb; ++b)
-        f.unpack(src + (row / 8 * nb + b) * f.group_bytes, (int)(row % 8), dst + ((row - r0) * nb + b) * f.bytes);
+        f.unpack(src + L.start(row / 8) + b * L.step(), (int)(row % 8),
+                 dst + ((row - r0) * nb + b) * f.bytes);
   });
   return raw;
 }
@@ -796,7 +839,7 @@ at::Tensor qmatmul_packed(const at::Tensor& x, const at::Tensor& packed, int64_t
   const int64_t M = x.size(0), K = x.size(1), groups = (n_out + 7) / 8;
   TORCH_CHECK(K > 0 && K % f.qk == 0, "qmatmul_packed: K = ", K, " is not a positive multiple of the block size ",
               f.qk);
-  const int64_t nb = K / f.qk, need = groups * nb * f.group_bytes;
+  const int64_t nb = K / f.qk, need = f.layout(nb).groups(n_out) * nb * f.group_bytes;
   TORCH_CHECK(packed.numel() == need, "qmatmul_packed: W (", n_out, ", ", K, ") packed needs ", need, " bytes, got ",
               packed.numel());
   const PackedFn* tiles = f.tile;
@@ -810,7 +853,7 @@ at::Tensor qmatmul_packed(const at::Tensor& x, const at::Tensor& packed, int64_t
   const uint8_t* W = packed.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();  // two levels: the tiles sum each row's pair as they store
   const int64_t group_bytes = nb * f.group_bytes;
-  const int64_t grain = std::max<int64_t>(1, 32768 / group_bytes);  // groups per task: ~32 KiB of weights
+  const int64_t grain = std::max<int64_t>(1, 32768 / group_bytes / 2) * 2;  // groups per task: ~32 KiB, whole pairs
   at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
     for (int64_t p0 = g0; p0 < g1; p0 += grain) {  // a panel of groups stays in cache across the row tiles
       const int64_t p1 = std::min(g1, p0 + grain);
