@@ -55,47 +55,35 @@ at::Tensor add_rows(const at::Tensor& a, const at::Tensor& b) {
   return y;
 }
 
-}  // namespace
-
 // A layer's weights and settings, registered once (decode_layer_new, at the layer's first decode step) and
 // named by an id: a step then passes 9 arguments instead of 28. Each argument of an operator call costs
 // Python-side checks and a conversion, which made the call ~15 of the ~18 us a small layer's step took. (An
 // id, not a torch custom class: passing a custom class object costs a thrown and caught C++ exception.)
 struct DecodeLayer {
-  at::Tensor attn_norm, ffn_norm;
-  std::vector<at::Tensor> qkv_w, wo_w, gate_up_w, down_w;
-  std::vector<int64_t> qkv_spec, wo_spec, gate_up_spec, down_spec;
-  c10::optional<at::Tensor> qkv_bias, q_norm, k_norm, attn_post_norm, ffn_post_norm;
+  at::Tensor attn_norm;
+  std::vector<at::Tensor> qkv_w;
+  std::vector<int64_t> qkv_spec;
+  c10::optional<at::Tensor> qkv_bias, q_norm, k_norm;
+  std::vector<at::Tensor> wo_w;
+  std::vector<int64_t> wo_spec;
+  c10::optional<at::Tensor> attn_post_norm;
+  at::Tensor ffn_norm;
+  std::vector<at::Tensor> gate_up_w;
+  std::vector<int64_t> gate_up_spec;
+  std::vector<at::Tensor> down_w;
+  std::vector<int64_t> down_spec;
+  c10::optional<at::Tensor> ffn_post_norm;
   double eps, scale, softcap;
   int64_t n_head;
   bool gelu;
-
-  DecodeLayer(at::Tensor attn_norm, std::vector<at::Tensor> qkv_w, std::vector<int64_t> qkv_spec,
-              c10::optional<at::Tensor> qkv_bias, c10::optional<at::Tensor> q_norm, c10::optional<at::Tensor> k_norm,
-              std::vector<at::Tensor> wo_w, std::vector<int64_t> wo_spec, c10::optional<at::Tensor> attn_post_norm,
-              at::Tensor ffn_norm, std::vector<at::Tensor> gate_up_w, std::vector<int64_t> gate_up_spec,
-              std::vector<at::Tensor> down_w, std::vector<int64_t> down_spec, c10::optional<at::Tensor> ffn_post_norm,
-              double eps, double scale, double softcap, int64_t n_head, bool gelu)
-      : attn_norm(std::move(attn_norm)), ffn_norm(std::move(ffn_norm)), qkv_w(std::move(qkv_w)),
-        wo_w(std::move(wo_w)), gate_up_w(std::move(gate_up_w)), down_w(std::move(down_w)),
-        qkv_spec(std::move(qkv_spec)), wo_spec(std::move(wo_spec)), gate_up_spec(std::move(gate_up_spec)),
-        down_spec(std::move(down_spec)), qkv_bias(std::move(qkv_bias)), q_norm(std::move(q_norm)),
-        k_norm(std::move(k_norm)), attn_post_norm(std::move(attn_post_norm)),
-        ffn_post_norm(std::move(ffn_post_norm)), eps(eps), scale(scale), softcap(softcap), n_head(n_head),
-        gelu(gelu) {
-    const auto check = [](const std::vector<at::Tensor>& w, const std::vector<int64_t>& spec) {
-      TORCH_CHECK(!w.empty() && spec.size() == 3 * w.size(), "DecodeLayer: a linear needs 3 spec ints per run");
-    };
-    check(this->qkv_w, this->qkv_spec);
-    check(this->wo_w, this->wo_spec);
-    check(this->gate_up_w, this->gate_up_spec);
-    check(this->down_w, this->down_spec);
-  }
 };
 
+// by id; never destroyed (its tensors must not outlive torch at exit: NativeLayer's finalizers empty it)
 std::mutex layers_mutex;
-std::unordered_map<int64_t, std::shared_ptr<const DecodeLayer>> layers;  // by id
+auto* const layers = new std::unordered_map<int64_t, std::shared_ptr<const DecodeLayer>>();
 int64_t next_layer_id = 1;
+
+}  // namespace
 
 int64_t decode_layer_new(const at::Tensor& attn_norm, at::TensorList qkv_w, at::IntArrayRef qkv_spec,
                          const c10::optional<at::Tensor>& qkv_bias, const c10::optional<at::Tensor>& q_norm,
@@ -104,19 +92,26 @@ int64_t decode_layer_new(const at::Tensor& attn_norm, at::TensorList qkv_w, at::
                          at::TensorList gate_up_w, at::IntArrayRef gate_up_spec, at::TensorList down_w,
                          at::IntArrayRef down_spec, const c10::optional<at::Tensor>& ffn_post_norm, double eps,
                          double scale, double softcap, int64_t n_head, bool gelu) {
-  auto layer = std::make_shared<const DecodeLayer>(
+  const auto check = [](at::TensorList w, at::IntArrayRef spec) {
+    TORCH_CHECK(!w.empty() && spec.size() == 3 * w.size(), "decode_layer_new: a linear needs 3 spec ints per run");
+  };
+  check(qkv_w, qkv_spec);
+  check(wo_w, wo_spec);
+  check(gate_up_w, gate_up_spec);
+  check(down_w, down_spec);
+  auto layer = std::make_shared<const DecodeLayer>(DecodeLayer{
       attn_norm, qkv_w.vec(), qkv_spec.vec(), qkv_bias, q_norm, k_norm, wo_w.vec(), wo_spec.vec(), attn_post_norm,
       ffn_norm, gate_up_w.vec(), gate_up_spec.vec(), down_w.vec(), down_spec.vec(), ffn_post_norm, eps, scale,
-      softcap, n_head, gelu);
+      softcap, n_head, gelu});
   std::lock_guard<std::mutex> lock(layers_mutex);
-  layers[next_layer_id] = std::move(layer);
+  (*layers)[next_layer_id] = std::move(layer);
   return next_layer_id++;
 }
 
 // drops the registry's hold on a layer's weights (a step still running on it keeps its own)
 void decode_layer_free(int64_t id) {
   std::lock_guard<std::mutex> lock(layers_mutex);
-  layers.erase(id);
+  layers->erase(id);
 }
 
 at::Tensor decode_layer(const at::Tensor& x, int64_t layer_id, const at::Tensor& rot,
@@ -127,8 +122,8 @@ at::Tensor decode_layer(const at::Tensor& x, int64_t layer_id, const at::Tensor&
   std::shared_ptr<const DecodeLayer> layer;
   {
     std::lock_guard<std::mutex> lock(layers_mutex);
-    const auto it = layers.find(layer_id);
-    TORCH_CHECK(it != layers.end(), "decode_layer: no layer with id ", layer_id, " (decode_layer_new gives ids)");
+    const auto it = layers->find(layer_id);
+    TORCH_CHECK(it != layers->end(), "decode_layer: no layer with id ", layer_id, " (decode_layer_new gives ids)");
     layer = it->second;
   }
   const DecodeLayer& L = *layer;
