@@ -247,7 +247,7 @@ inline void store_groups(const typename V::F* acc, const typename V::F* lin, int
     store_groups<V, 1>(acc, lin, MT, y, m0, N, g);
 }
 
-// A block's weights AHEAD bytes on, in each of the V::GROUPS streams, asked for in L1 before they are
+// A block's weights AHEAD bytes on (a pair's two blocks where V reads pairs), asked for in L1 before they are
 // needed, in tiles of 8 activation rows (a step of 8+ sequences): there each weight is used 8 times and the
 // hardware prefetcher alone leaves the products waiting on memory (Gemma 3 270M, 16 sequences: steps
 // ~8% faster on AMD Zen 4). For 1-4 rows the prefetches cost more than they save (SmolLM2's and Gemma's

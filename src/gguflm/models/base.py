@@ -326,9 +326,8 @@ class Transformer:
         # tokens than fp32 (AMX); 5x slower without it
         self.attn_dtype_prefill = prefill_dtype() if w.mode == "fast" else torch.float32
         self.observers: list[Observer] = []
-        self._fused_args: dict[
-            int, kernels.NativeLayer | None
-        ] = {}  # by layer: _decode_layer_args, at first use
+        # by layer: its weights registered with the kernels (_decode_layer_args), at its first decode step
+        self._fused_args: dict[int, kernels.NativeLayer | None] = {}
         # native kernels for the decode attention (and, in QuantizedLinear, the matmuls); None: torch's
         use_native = w.mode == "fast" and use_native_kernels() and w.device.type == "cpu"
         self.kernels = kernels.native() if use_native else None
