@@ -157,6 +157,20 @@ struct Lanes8 {
   static I ints(int32_t v) { return _mm256_set1_epi32(v); }
   static I x4(const int8_t* p) { return broadcast4(p); }
   static I dot(I acc, I u, I x) { return dot_acc(acc, u, x); }
+  // acc + the N products u[i] . x[i], weight codes u in 0..UMAX. Without VNNI their pair sums (maddubs) add
+  // up in int16 and widen once: 2 instructions a product instead of 3 (the sums are exact, the bits the same)
+  template <int UMAX, int N>
+  static I dots(I acc, const I (&u)[N], const I (&x)[N]) {
+    static_assert(N * 2 * UMAX * 127 < 32768, "int16 pair sums would overflow");
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    for (int i = 0; i < N; ++i) acc = _mm256_dpbusd_epi32(acc, u[i], x[i]);
+    return acc;
+#else
+    __m256i s = _mm256_maddubs_epi16(u[0], x[0]);
+    for (int i = 1; i < N; ++i) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(u[i], x[i]));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(s, _mm256_set1_epi16(1)));
+#endif
+  }
   static I sign(I a, I b) { return _mm256_sign_epi8(a, b); }  // AVX2's signed Q8_0 only
   static I and_(I a, I b) { return _mm256_and_si256(a, b); }
   static I or_(I a, I b) { return _mm256_or_si256(a, b); }
@@ -201,6 +215,11 @@ struct Lanes16 {
     return _mm512_set1_epi32(*(const unaligned_i32*)p);
   }
   static I dot(I acc, I u, I x) { return _mm512_dpbusd_epi32(acc, u, x); }
+  template <int UMAX, int N>
+  static I dots(I acc, const I (&u)[N], const I (&x)[N]) {
+    for (int i = 0; i < N; ++i) acc = _mm512_dpbusd_epi32(acc, u[i], x[i]);
+    return acc;
+  }
   static I and_(I a, I b) { return _mm512_and_si512(a, b); }
   static I or_(I a, I b) { return _mm512_or_si512(a, b); }
   static I sub(I a, I b) { return _mm512_sub_epi32(a, b); }
@@ -328,17 +347,24 @@ struct LegacyGroups {
           I hv = V::ints(0);
           if constexpr (HIGH) hv = V::codes(pb + f.off_qh(), next);
           const I low4 = V::bytes(0x0F), bit4 = V::bytes(0x10);
-#pragma GCC unroll 4
-          for (int j = 0; j < 4; ++j) {
-            const I v = V::codes(pb + f.off_qs() + 32 * j, next);
-            I lo = V::and_(v, low4), hi = V::and_(V::srl16(v, 4), low4);
-            if constexpr (HIGH) {
-              lo = V::or_(lo, V::and_(V::sll32(hv, 4 - j), bit4));
-              hi = V::or_(hi, V::and_(V::srl32(hv, j), bit4));
+#pragma GCC unroll 2
+          for (int h = 0; h < 2; ++h) {  // code vectors j = 2h, 2h + 1: 4 products a row
+            I u[4];
+            for (int t = 0; t < 2; ++t) {
+              const int j = 2 * h + t;
+              const I v = V::codes(pb + f.off_qs() + 32 * j, next);
+              I lo = V::and_(v, low4), hi = V::and_(V::srl16(v, 4), low4);
+              if constexpr (HIGH) {
+                lo = V::or_(lo, V::and_(V::sll32(hv, 4 - j), bit4));
+                hi = V::or_(hi, V::and_(V::srl32(hv, j), bit4));
+              }
+              u[2 * t] = lo;   // elements 4j..4j+3
+              u[2 * t + 1] = hi;  // elements 16+4j..16+4j+3
             }
             for (int m = 0; m < MT; ++m) {
-              isum[m] = V::dot(isum[m], lo, V::x4(xb + m * K + 4 * j));
-              isum[m] = V::dot(isum[m], hi, V::x4(xb + m * K + 16 + 4 * j));
+              const int8_t* xj = xb + m * K + 8 * h;
+              const I x[4] = {V::x4(xj), V::x4(xj + 16), V::x4(xj + 4), V::x4(xj + 20)};
+              isum[m] = V::template dots<HIGH ? 31 : 15>(isum[m], u, x);
             }
           }
         }
@@ -560,15 +586,23 @@ struct Q45KGroups {
           I isum[MT];
           for (int m = 0; m < MT; ++m) isum[m] = V::ints(0);
           const int8_t* xc = xq + (8 * b + j) * 32;
-#pragma GCC unroll 8
-          for (int i = 0; i < 8; ++i) {
-            const I v = V::codes(pb + QS + 32 * (8 * (j / 2) + i), next);
-            I u = V::and_(j & 1 ? V::srl16(v, 4) : v, low4);
-            if constexpr (HIGH) {
-              const I h = V::codes(pb + K4_HEAD + 32 * i, next);
-              u = V::or_(u, V::and_(j <= 4 ? V::sll16(h, 4 - j) : V::srl16(h, j - 4), bit4));
+#pragma GCC unroll 2
+          for (int half = 0; half < 2; ++half) {  // elements 16 half .. +15: 4 products a row
+            I u[4];
+            for (int t = 0; t < 4; ++t) {
+              const int i = 4 * half + t;
+              const I v = V::codes(pb + QS + 32 * (8 * (j / 2) + i), next);
+              u[t] = V::and_(j & 1 ? V::srl16(v, 4) : v, low4);
+              if constexpr (HIGH) {
+                const I h = V::codes(pb + K4_HEAD + 32 * i, next);
+                u[t] = V::or_(u[t], V::and_(j <= 4 ? V::sll16(h, 4 - j) : V::srl16(h, j - 4), bit4));
+              }
             }
-            for (int m = 0; m < MT; ++m) isum[m] = V::dot(isum[m], u, V::x4(xc + m * K + 4 * i));
+            for (int m = 0; m < MT; ++m) {
+              const int8_t* xi = xc + m * K + 16 * half;
+              const I x[4] = {V::x4(xi), V::x4(xi + 4), V::x4(xi + 8), V::x4(xi + 12)};
+              isum[m] = V::template dots<HIGH ? 31 : 15>(isum[m], u, x);
+            }
           }
           const F dsc = V::mul(d, V::cvt(V::u8s(pb + K4_SC + 8 * j, next)));
           const F dmn = V::mul(dmin, V::cvt(V::u8s(pb + K4_MN + 8 * j, next)));
@@ -621,14 +655,21 @@ struct Q6KGroups {
           for (int s = 0; s < 2; ++s) {  // sub-block 2c + s: elements 16s..16s+15 of the chunk
             I isum[MT];  // starts at -32 * sum(qx): the codes' offset
             for (int m = 0; m < MT; ++m) isum[m] = V::ints(-32 * x16[m * n16 + 16 * b + 2 * c + s]);
-#pragma GCC unroll 4
-            for (int i = 4 * s; i < 4 * s + 4; ++i) {
-              const I l = V::codes(pb + K6_QL + 32 * (16 * h + 8 * (k % 2) + i), next);
-              const I q = V::codes(pb + K6_QH + 32 * (8 * h + i), next);
-              const I lo = V::and_(k / 2 ? V::srl16(l, 4) : l, low4);
-              const I hi = k == 2 ? q : k < 2 ? V::sll16(q, 4 - 2 * k) : V::srl16(q, 2);
-              const I u = V::or_(lo, V::and_(hi, high2));
-              for (int m = 0; m < MT; ++m) isum[m] = V::dot(isum[m], u, V::x4(xc + m * K + 4 * i));
+#pragma GCC unroll 2
+            for (int i0 = 4 * s; i0 < 4 * s + 4; i0 += 2) {  // 2 products a row
+              I u[2];
+              for (int t = 0; t < 2; ++t) {
+                const int i = i0 + t;
+                const I l = V::codes(pb + K6_QL + 32 * (16 * h + 8 * (k % 2) + i), next);
+                const I q = V::codes(pb + K6_QH + 32 * (8 * h + i), next);
+                const I lo = V::and_(k / 2 ? V::srl16(l, 4) : l, low4);
+                const I hi = k == 2 ? q : k < 2 ? V::sll16(q, 4 - 2 * k) : V::srl16(q, 2);
+                u[t] = V::or_(lo, V::and_(hi, high2));
+              }
+              for (int m = 0; m < MT; ++m) {
+                const I x[2] = {V::x4(xc + m * K + 4 * i0), V::x4(xc + m * K + 4 * i0 + 4)};
+                isum[m] = V::template dots<63>(isum[m], u, x);
+              }
             }
             const F dsc = V::mul(d, V::cvt(V::i8s(pb + K6_SC + 8 * (2 * c + s), next)));
             for (int m = 0; m < MT; ++m)
