@@ -36,18 +36,27 @@ namespace {
 constexpr int LANES = 16;
 
 // sum a[i] b[i] in LANES independent partial sums, folded in halves (same order every call; folding the
-// lanes one by one was a chain of 16 dependent adds, most of a decode score's time). With AVX512 the fold is
-// written out: the compiler's went through the stack.
+// lanes one by one was a chain of 16 dependent adds, most of a decode score's time). With AVX512 or AVX2 the
+// fold is written out: the compiler's went through the stack.
 inline float dot(const float* a, const float* b, int64_t n) {
   int64_t i = 0;
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #if defined(__AVX512F__)
   __m512 acc = _mm512_setzero_ps();
   for (; i + LANES <= n; i += LANES) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  const __m256 lo = _mm512_castps512_ps256(acc);
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1));
+#else
+  __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();  // lanes 0-7, 8-15
+  for (; i + LANES <= n; i += LANES) {
+    lo = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), lo);
+    hi = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), hi);
+  }
+#endif
   float s = 0.f;
   for (; i < n; ++i) s += a[i] * b[i];
   // lanes l + (l + 8), then + (l + 4), (l + 2), (l + 1): the portable fold's order
-  const __m256 h8 = _mm256_add_ps(_mm512_castps512_ps256(acc),
-                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1)));
+  const __m256 h8 = _mm256_add_ps(lo, hi);
   const __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
   const __m128 h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
   return s + _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
