@@ -61,7 +61,7 @@ def main() -> None:
     )
     parser.add_argument("-m", "--model", default=None)
     parser.add_argument("-t", "--threads", type=int, default=2)
-    parser.add_argument("--npl", type=int, default=16)
+    parser.add_argument("--npl", type=int, default=16, help="parallel sequences (0: skip that profile)")
     parser.add_argument("-p", "--n-prompt", type=int, default=512)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -89,6 +89,8 @@ def main() -> None:
     profile("tg (one token a step)", tg_prompt, tg)
     profile(f"pp{args.n_prompt} (one prefill a step)", single.kv.clear, pp)
     n = args.npl
+    if n < 1:  # --npl 0: no parallel decode
+        return
     parallel = Context(model, n_ctx=len(prompt) + 64 * n, n_batch=max(n, len(prompt)), n_seq_max=n)
 
     def shared_prompt() -> None:
