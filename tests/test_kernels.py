@@ -326,6 +326,57 @@ def test_f16_scales_zero_subnormal_negative_large(path: str) -> None:
     assert (w[1].abs().max() > 0) and (w[1].abs().max() < 1e-4)  # row 1 really has subnormal scales
 
 
+# bytes of a block that hold weight codes (and K-quant sub-block scales), set to all ones below
+_CODE_BYTES = {
+    QT.Q4_0: slice(2, 18),
+    QT.Q4_1: slice(4, 20),
+    QT.Q5_0: slice(2, 22),  # qh and qs
+    QT.Q5_1: slice(4, 24),
+    QT.Q4_K: slice(4, 144),  # 6-bit scales and mins, codes
+    QT.Q5_K: slice(4, 176),
+    QT.Q6_K: slice(0, 192),  # ql, qh
+}
+
+
+def _largest_codes(qtype: QT, n: int, k: int) -> torch.Tensor:
+    """Blocks whose every weight code is its format's largest (Q8_0: -128, whose magnitude is the
+    largest), with f16 scales of 0.01: the products that come closest to the int16 pair sums' limit."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = np.zeros((n * k // block, size), dtype=np.uint8)
+    d = np.array([0.01], dtype=np.float16).view(np.uint8)  # its 2 bytes
+    if qtype == QT.Q8_0:
+        raw[:, 0:2] = d
+        raw[:, 2:34] = 0x80
+    elif qtype == QT.Q6_K:
+        raw[:, _CODE_BYTES[qtype]] = 0xFF
+        raw[:, 192:208] = 127  # int8 sub-block scales
+        raw[:, 208:210] = d
+    else:
+        raw[:, 0:2] = d
+        if qtype in (QT.Q4_1, QT.Q5_1, QT.Q4_K, QT.Q5_K):
+            raw[:, 2:4] = d  # min or dmin
+        raw[:, _CODE_BYTES[qtype]] = 0xFF
+    return torch.from_numpy(raw.reshape(-1))
+
+
+@pytest.mark.parametrize("path", _paths())
+@pytest.mark.parametrize("qtype", sorted(kernels.SUPPORTED))
+def test_largest_codes_against_largest_activations_do_not_saturate(path: str, qtype: QT) -> None:
+    """Codes at their largest against activation codes of +-127 (x constant: quantized exactly). Without
+    VNNI the kernels add pair sums in int16 (maddubs) before widening, as many as cannot overflow; were one
+    more added, or a format's code range misjudged, these outputs would come out wrong."""
+    n, k = 24, 512
+    raw = _largest_codes(qtype, n, k)
+    mod = _module(path)
+    for sign in (1.0, -1.0):
+        x = torch.full((16, k), sign)  # 16 rows: every tile height
+        for levels in (1, 2):
+            for layout in ("file", "packed"):
+                y = _product(mod, layout, x, raw, qtype, n, levels)
+                ref = x.double() @ quants.dequantize(raw, qtype, (n, k)).double().T
+                torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=0)
+
+
 INVARIANCE = [(qt, layout) for layout in ("file", "packed") for qt in sorted(kernels.SUPPORTED)]
 
 
