@@ -312,7 +312,7 @@ def test_native_layers_are_held_while_their_handle_lives(tmp_path: Path) -> None
     ctx = Context(model, n_ctx=32)
     assert ctx.decode(Batch.from_tokens([1, 2, 3])) == 0
     assert ctx.decode(Batch.from_tokens([4], pos=[3])) == 0
-    handle = transformer._fused_args[0]
+    handle = transformer._native_layers[0]
     assert handle is not None
     norm = transformer.layers[0].attn_norm
     held = sys.getrefcount(norm)
@@ -329,7 +329,7 @@ def test_native_layers_are_held_while_their_handle_lives(tmp_path: Path) -> None
     with pytest.raises(RuntimeError, match="no layer with id"):
         step(handle.id + 10_000)
     layer_id = handle.id
-    transformer._fused_args.clear()
+    transformer._native_layers.clear()
     del handle
     with pytest.raises(RuntimeError, match="no layer with id"):
         step(layer_id)

@@ -163,7 +163,7 @@ struct Lanes8 {
   static I dots(I acc, const I (&u)[N], const I (&x)[N]) {
     static_assert(N * 2 * UMAX * 127 < 32768, "int16 pair sums would overflow");
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    for (int i = 0; i < N; ++i) acc = _mm256_dpbusd_epi32(acc, u[i], x[i]);
+    for (int i = 0; i < N; ++i) acc = dot(acc, u[i], x[i]);
     return acc;
 #else
     __m256i s = _mm256_maddubs_epi16(u[0], x[0]);
@@ -217,7 +217,7 @@ struct Lanes16 {
   static I dot(I acc, I u, I x) { return _mm512_dpbusd_epi32(acc, u, x); }
   template <int UMAX, int N>
   static I dots(I acc, const I (&u)[N], const I (&x)[N]) {
-    for (int i = 0; i < N; ++i) acc = _mm512_dpbusd_epi32(acc, u[i], x[i]);
+    for (int i = 0; i < N; ++i) acc = dot(acc, u[i], x[i]);
     return acc;
   }
   static I and_(I a, I b) { return _mm512_and_si512(a, b); }

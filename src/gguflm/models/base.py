@@ -326,8 +326,8 @@ class Transformer:
         # tokens than fp32 (AMX); 5x slower without it
         self.attn_dtype_prefill = prefill_dtype() if w.mode == "fast" else torch.float32
         self.observers: list[Observer] = []
-        # by layer: its weights registered with the kernels (_decode_layer_args), at its first decode step
-        self._fused_args: dict[int, kernels.NativeLayer | None] = {}
+        # by layer: its weights registered with the kernels (_register_layer), at its first decode step
+        self._native_layers: dict[int, kernels.NativeLayer | None] = {}
         # native kernels for the decode attention (and, in QuantizedLinear, the matmuls); None: torch's
         use_native = w.mode == "fast" and use_native_kernels() and w.device.type == "cpu"
         self.kernels = kernels.native() if use_native else None
@@ -675,10 +675,10 @@ class Transformer:
         at: Attention = layer.attn
         if any(lin.input_observer is not None for lin in (at.qkv, at.wo, layer.gate_up, layer.down)):
             return None
-        if il not in self._fused_args:
-            self._fused_args[il] = self._decode_layer_args(layer)
-        fixed = self._fused_args[il]
-        if fixed is None:
+        if il not in self._native_layers:
+            self._native_layers[il] = self._register_layer(layer)
+        native = self._native_layers[il]
+        if native is None:
             return None
         assert self.kernels is not None
         keys, values = ub.kv.layers[il]  # (n_ctx, n_head_kv, hd)
@@ -686,7 +686,7 @@ class Transformer:
         rotation = ub.rotation_pairs(self.rope_of(at, ub.long_context))
         x = self.kernels.decode_layer(
             x,
-            fixed.id,
+            native.id,
             rotation,
             keys,
             values,
@@ -697,7 +697,7 @@ class Transformer:
         )
         return self.keep_outputs(il, ub, x)[0]
 
-    def _decode_layer_args(self, layer: Any) -> kernels.NativeLayer | None:
+    def _register_layer(self, layer: Any) -> kernels.NativeLayer | None:
         """A layer's weights and settings registered once with the kernels, what decode_layer takes besides
         the step's own arguments (rotation, cache, cells, sequence sets). None where a linear is not on the
         native kernels or a bias is elsewhere than on q/k/v."""
