@@ -333,7 +333,7 @@ struct LegacyGroups {
         for (int m = 0; m < MT; ++m) isum[m] = V::ints(0);
         const int8_t* xb = xq + b * 32;
         if constexpr (Q8) {
-#pragma GCC unroll 8
+#pragma GCC unroll 4
           for (int j = 0; j < 8; ++j) {
             const I v = V::codes(pb + f.off_qs() + 32 * j, next);
             if constexpr (Q8_UNSIGNED) {  // q + 128: OFFSET takes 128 sum(x) off below
@@ -424,6 +424,52 @@ struct LegacyGroups {
 };
 
 using PackedFn = void (*)(const uint8_t*, int64_t, const Q8Act&, int64_t, float*, int64_t, int64_t, int64_t);
+
+// Q8_0 against 16-bit activation codes (quantize_rows_16), for levels = 2 where the CPU has AVX2 but no VNNI.
+// Two 8-bit levels cost there 2 x 4 instructions per 4 codes, row and level (sign, maddubs, madd, add);
+// as int16, a row's 4 codes x0..x3 take 2 madds and 2 adds: a code vector's int32 lane r holds row r's codes
+// w0..w3, whose even bytes (w0, w2) and odd bytes (w1, w3) widen in place to int16 pairs (two shifts, one
+// shift) that meet the activation pairs (x0, x2) and (x1, x3) (quantize_rows_16's order), each lane still
+// one row's sum: |sum| <= 32 * 128 * 32767 < 2^31 per block.
+#if defined(__AVX2__) && !(defined(__AVX512VNNI__) && defined(__AVX512VL__))
+#define Q8_WIDE 1
+template <int MT>
+void packed_q8_wide(const uint8_t* P, int64_t nb, const Q8Act& a, int64_t m0, float* y, int64_t N, int64_t g0,
+                    int64_t g1) {
+  constexpr PackedLegacy f{false, false, true, 34};
+  const GroupLayout L{PAIRED_32, nb, 8 * f.bytes};
+  const int64_t K = nb * 32;
+  const int16_t* xq = a.q16.data() + m0 * K;
+  const float* xd = a.d.data() + m0 * nb;
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint8_t* pg = P + L.start(g);
+    __m256 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* pb = pg + b * L.step();
+      prefetch_ahead<Lanes8, 8 * f.bytes, MT>(pb, 0);
+      __m256i isum[MT];
+      for (int m = 0; m < MT; ++m) isum[m] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+      for (int j = 0; j < 8; ++j) {
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(pb + f.off_qs() + 32 * j));
+        const __m256i even = _mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8), odd = _mm256_srai_epi16(v, 8);
+        for (int m = 0; m < MT; ++m) {
+          const int8_t* xj = (const int8_t*)(xq + m * K + b * 32 + 4 * j);
+          isum[m] = _mm256_add_epi32(isum[m], _mm256_add_epi32(_mm256_madd_epi16(even, broadcast4(xj)),
+                                                               _mm256_madd_epi16(odd, broadcast4(xj + 4))));
+        }
+      }
+      const __m256 d = Lanes8::f16(pb, 0);
+      for (int m = 0; m < MT; ++m)
+        acc[m] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(xd[m * nb + b])), _mm256_cvtepi32_ps(isum[m]), acc[m]);
+    }
+    store_groups<Lanes8, 1>(acc, nullptr, MT, y, m0, N, g);
+  }
+}
+#else
+#define Q8_WIDE 0
+#endif
 
 template <bool MIN, bool HIGH, bool Q8>
 void packed_tiles(PackedFn* t) {
@@ -884,12 +930,23 @@ at::Tensor qmatmul_packed(const at::Tensor& x, const at::Tensor& packed, int64_t
   TORCH_CHECK(packed.numel() == need, "qmatmul_packed: W (", n_out, ", ", K, ") packed needs ", need, " bytes, got ",
               packed.numel());
   const PackedFn* tiles = f.tile;
+  const bool wide = Q8_WIDE && qtype == T_Q8_0 && levels == 2;  // one 16-bit code per value instead
+#if Q8_WIDE
+  static const PackedFn wide_tiles[4] = {&packed_q8_wide<1>, &packed_q8_wide<2>, &packed_q8_wide<4>,
+                                         &packed_q8_wide<8>};
+  if (wide) tiles = wide_tiles;
+#endif
 
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty({M, n_out}, x.options());
   if (M == 0) return y;
   Q8Act a;
-  quantize_rows(xc.data_ptr<float>(), M, K, (int)levels, a);
+#if Q8_WIDE
+  if (wide)
+    quantize_rows_16(xc.data_ptr<float>(), M, K, a);
+  else
+#endif
+    quantize_rows(xc.data_ptr<float>(), M, K, (int)levels, a);
   if (f.sums16) sums_of_16(a, K);
   const uint8_t* W = packed.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();  // two levels: the tiles sum each row's pair as they store

@@ -78,6 +78,7 @@ struct Q8Act {
   std::vector<float> s;      // (M, nb) d * sum of the block's codes
   std::vector<int32_t> si;   // (M, nb) sum of the block's codes
   std::vector<int32_t> s16;  // (M, K / 16) sums of 16 codes: only for the packed Q6_K kernel (sums_of_16)
+  std::vector<int16_t> q16;  // (M, K) 16-bit codes instead of q (quantize_rows_16): AVX2's two-level Q8_0
 };
 
 // 32 values -> codes q = round(x / d), d = max|x| / 127; returns d, sets *sum to the codes' sum
@@ -161,6 +162,42 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int levels, Q8Act& a) {
   }
   });
 }
+
+#if defined(__AVX2__)
+// Row m of x -> 16-bit codes q16 = round(x / d), d = max|x_b| / 32767 per block of 32 (a.d; a.levels 1):
+// within max|x_b| / 65534 per element, finer than two 8-bit levels' max|x_b| / 64516. Where the CPU has no
+// VNNI, Q8_0 takes these for levels = 2: int16 x int16 pair sums (madd) cost half the two levels' work.
+// Each 4 codes are stored in the order 0 2 1 3 (the packed Q8_0 kernel's even and odd pairs).
+inline void quantize_rows_16(const float* x, int64_t M, int64_t K, Q8Act& a) {
+  a.M = M;
+  a.levels = 1;
+  a.nb = K / 32;
+  a.q16.resize(M * K);
+  a.d.resize(M * a.nb);
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < a.nb; ++b) {
+      const float* xb = x + m * K + b * 32;
+      __m256 v[4], vmax = _mm256_setzero_ps();
+      for (int i = 0; i < 4; ++i) {
+        v[i] = _mm256_loadu_ps(xb + 8 * i);
+        vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, v[i]));
+      }
+      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+      const float d = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4))) / 32767.f;
+      const __m256 id = _mm256_set1_ps(d ? 1.f / d : 0.f);
+      int16_t* qb = a.q16.data() + m * K + b * 32;
+      for (int i = 0; i < 4; i += 2) {  // packs saturates (x / d may round to 32767 + an ulp) per 128-bit lane
+        __m256i q = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[i], id)),
+                                       _mm256_cvtps_epi32(_mm256_mul_ps(v[i + 1], id)));
+        q = _mm256_shufflehi_epi16(_mm256_shufflelo_epi16(_mm256_permute4x64_epi64(q, 0xD8), 0xD8), 0xD8);
+        _mm256_storeu_si256((__m256i*)(qb + 8 * i), q);
+      }
+      a.d[m * a.nb + b] = d;
+    }
+}
+#endif
 
 // One decoded 32-element chunk of a weight row.
 //   kind UNSIGNED: u in 0..63 (bytes);  value = dw * u + cw
