@@ -55,6 +55,7 @@ def invalid_batches(model: Model) -> dict[str, Batch]:
         "gap inside the batch": Batch.from_tokens([1, 2], pos=[3, 5]),
         "repeats a cached position": Batch.from_tokens([1], pos=[2]),
         "pos of the wrong length": Batch.from_tokens([1, 2], pos=[3]),
+        "a token per sequence, one out of place": Batch.from_tokens([1, 2], seq_ids=[[1], [0]], pos=[0, 7]),
     }
 
 
@@ -72,6 +73,7 @@ INVALID_CASES = [
     "gap inside the batch",
     "repeats a cached position",
     "pos of the wrong length",
+    "a token per sequence, one out of place",
 ]
 
 
@@ -206,6 +208,20 @@ def test_pos_none_continues_each_sequence(tiny_llama: Model) -> None:
     assert ctx.decode(Batch.from_tokens([1, 2, 3], seq_ids=[[0]] * 3)) == 0
     assert ctx.decode(Batch.from_tokens([4, 5, 6], seq_ids=[[1], [0], [1]])) == 0
     assert (ctx.kv.seq_pos_max(0), ctx.kv.seq_pos_max(1)) == (3, 1)
+    assert ctx.decode(Batch.from_tokens([7, 8], seq_ids=[[1], [0]])) == 0  # a token per sequence
+    assert (ctx.kv.seq_pos_max(0), ctx.kv.seq_pos_max(1)) == (4, 2)
+
+
+def test_a_token_per_sequence_out_of_place_names_its_sequence(
+    tiny_llama: Model, caplog: pytest.LogCaptureFixture
+) -> None:
+    ctx = Context(tiny_llama, n_ctx=32, n_seq_max=3)
+    assert ctx.decode(Batch.from_tokens([1, 2, 3], seq_ids=[[0], [1], [2]])) == 0
+    with caplog.at_level(logging.ERROR, logger="gguflm"):
+        assert ctx.decode(Batch.from_tokens([4, 5, 6], seq_ids=[[2], [1], [0]], pos=[4, 5, 1])) == -1
+    assert (
+        "sequence 1 continues at position 5, but its last cached position is 0" in caplog.text
+    )  # the lowest bad id
 
 
 def test_seq_cp_then_diverging_continuations_are_independent_runs(tiny_llama: Model) -> None:

@@ -44,6 +44,15 @@ def normalize(vec: torch.Tensor | np.ndarray | list[float], embd_normalize: int 
     return x * scale
 
 
+def _seq_keys(seq: np.ndarray) -> np.ndarray | None:
+    """(n, n_seq_max) bool -> (n,) uint64, one bit per sequence; None past 64 sequences."""
+    if seq.shape[1] > 64:
+        return None
+    packed = np.zeros((len(seq), 8), dtype=np.uint8)
+    packed[:, : (seq.shape[1] + 7) // 8] = np.packbits(seq, axis=1, bitorder="little")
+    return packed.view(np.uint64).reshape(-1)
+
+
 def _is_causal(mask: np.ndarray) -> bool:
     """A square lower-triangular mask: attention can skip it and mask causally (a fresh prefill)."""
     n_rows, n_cols = mask.shape
@@ -190,7 +199,12 @@ class Context:
                     log.error("decode: invalid seq_id[%d] = %d >= n_seq_max = %d", i, s, self.n_seq_max)
                     return None
                 seq[i, s] = True
-        last_cached = {s: self.kv.seq_pos_max(s) for s in np.flatnonzero(seq.any(axis=0)).tolist()}
+        active = np.flatnonzero(seq.any(axis=0))
+        last = self.kv.seq_pos_maxes(active)  # (k,)
+        if len(active) == n and (seq.sum(axis=1) == 1).all():  # a token per sequence (parallel decoding)
+            pos = self._one_token_positions(batch, seq, active, last)
+            return None if pos is None else (pos, seq, self._outputs(batch, n))
+        last_cached = dict(zip(active.tolist(), last.tolist(), strict=True))
         if batch.pos is None:
             pos = np.empty(n, dtype=np.int64)
             next_pos = {s: p + 1 for s, p in last_cached.items()}
@@ -207,26 +221,52 @@ class Context:
         for s, last in last_cached.items():
             p = np.sort(pos[seq[:, s]])
             if last >= 0 and p[0] != last + 1:
-                log.error(
-                    "decode: sequence %d continues at position %d, but its last cached position is %d "
-                    "(positions must stay consecutive: %d)",
-                    s,
-                    int(p[0]),
-                    last,
-                    last + 1,
-                )
+                self._continues_at(s, int(p[0]), last)
                 return None
             if len(p) > 1 and (np.diff(p) != 1).any():
                 log.error("decode: the positions of sequence %d in the batch are not consecutive", s)
                 return None
+        return pos, seq, self._outputs(batch, n)
+
+    @staticmethod
+    def _continues_at(seq_id: int, pos: int, last: int) -> None:
+        log.error(
+            "decode: sequence %d continues at position %d, but its last cached position is %d "
+            "(positions must stay consecutive: %d)",
+            seq_id,
+            pos,
+            last,
+            last + 1,
+        )
+
+    def _one_token_positions(
+        self, batch: Batch, seq: np.ndarray, active: np.ndarray, last: np.ndarray
+    ) -> np.ndarray | None:
+        """_check's positions where each token is its sequence's only one, without a loop per sequence."""
+        col = seq.argmax(axis=1)  # (n,) each token's sequence
+        last_of = last[np.searchsorted(active, col)]  # (n,)
+        if batch.pos is None:
+            return last_of + 1
+        pos = np.asarray(batch.pos, dtype=np.int64)
+        if (pos < 0).any():
+            log.error("decode: negative position %d", int(pos.min()))
+            return None
+        bad = np.flatnonzero((last_of >= 0) & (pos != last_of + 1))
+        if bad.size:
+            i = int(bad[np.argmin(col[bad])])  # the lowest sequence id, as the loop reports it
+            self._continues_at(int(col[i]), int(pos[i]), int(last_of[i]))
+            return None
+        return pos
+
+    def _outputs(self, batch: Batch, n: int) -> np.ndarray:
+        """(n,) bool: which tokens' outputs to keep."""
         if batch.output is not None and not (self.embeddings_enabled and self.pooling != "none"):
-            output = np.asarray(batch.output, dtype=bool)
-        elif self.embeddings_enabled:
-            output = np.ones(n, dtype=bool)
-        else:
-            output = np.zeros(n, dtype=bool)
-            output[-1] = True
-        return pos, seq, output
+            return np.asarray(batch.output, dtype=bool)
+        if self.embeddings_enabled:
+            return np.ones(n, dtype=bool)
+        output = np.zeros(n, dtype=bool)
+        output[-1] = True
+        return output
 
     def _run(
         self, batch: Batch, pos: np.ndarray, seq: np.ndarray, output: np.ndarray, cells: np.ndarray
@@ -276,11 +316,14 @@ class Context:
         kind), sets of the same shape stacked into one group: attention then sees what it sees when
         the set is decoded alone from an empty cache. None when the micro-batch holds one set that owns
         cells 0..n_kv-1 in position order already (the common case: one sequence)."""
+        span_seq, span_pos = self.kv.seq[:n_kv], self.kv.pos[:n_kv]
+        keys = _seq_keys(seq)
         if (seq == seq[0]).all():  # one set: np.unique would take 0.13 ms per decode to say so
             sets, which = seq[:1], np.zeros(len(seq), dtype=np.int64)
+        elif keys is not None and len(np.unique(keys)) == len(seq):
+            return self._one_row_sets(seq, keys, masks, span_seq, span_pos)
         else:
             sets, which = np.unique(seq, axis=0, return_inverse=True)
-        span_seq, span_pos = self.kv.seq[:n_kv], self.kv.pos[:n_kv]
         if len(sets) == 1 and (span_seq & sets[0]).any(axis=1).all() and (np.diff(span_pos) > 0).all():
             return None
         which = which.reshape(-1)
@@ -308,6 +351,40 @@ class Context:
             groups.append(
                 SequenceGroup(
                     stacked([r for r, _, _ in members]), stacked([c for _, c, _ in members]), group_masks
+                )
+            )
+        return groups
+
+    def _one_row_sets(
+        self,
+        seq: np.ndarray,
+        keys: np.ndarray,
+        masks: dict[int, np.ndarray],
+        span_seq: np.ndarray,
+        span_pos: np.ndarray,
+    ) -> list[SequenceGroup]:
+        """_sequence_groups where every row is a set of its own (parallel decoding): every set's cells at
+        once, not a loop of numpy calls per set (16 sequences: 0.75 ms per decode)."""
+        span_keys = _seq_keys(span_seq)
+        assert span_keys is not None
+        member = ((keys[:, None] & span_keys[None, :]) != 0) & (span_pos >= 0)  # (T, n_kv)
+        row, cell = np.nonzero(member)  # each row's cells in cell order
+        cell = cell[np.lexsort((span_pos[cell], row))]  # then in position order (ties: cell order)
+        counts = np.bincount(row, minlength=len(seq))
+        starts = np.cumsum(counts) - counts
+        device = self.model.transformer.device
+        groups = []
+        for n_cells in np.unique(counts).tolist():  # sets of the same size stacked
+            rows = np.flatnonzero(counts == n_cells)  # (B,)
+            cells = cell[starts[rows, None] + np.arange(n_cells)]  # (B, C)
+            group_masks: dict[int, torch.Tensor | None] = {
+                w: torch.from_numpy(m[rows[:, None], cells][:, None, :]).to(device) for w, m in masks.items()
+            }  # (B, 1, C): one row is never _is_causal
+            groups.append(
+                SequenceGroup(
+                    torch.from_numpy(rows[:, None]).to(device),
+                    torch.from_numpy(cells).to(device),
+                    group_masks,
                 )
             )
         return groups
