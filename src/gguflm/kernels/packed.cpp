@@ -330,7 +330,7 @@ struct LegacyGroups {
         prefetch_ahead<V, GB, MT>(pb, next);
         const F d = V::f16(pb, next);
         I isum[MT];
-        for (int m = 0; m < MT; ++m) isum[m] = V::ints(0);
+        for (int m = 0; m < MT; ++m) isum[m] = V::ints(-OFFSET * xi[m * nb + b]);  // the codes' offset, exact
         const int8_t* xb = xq + b * 32;
         if constexpr (Q8) {
 #pragma GCC unroll 4
@@ -371,7 +371,6 @@ struct LegacyGroups {
         F mins = V::fzero();
         if constexpr (MIN) mins = V::f16(pb + f.off_m(), next);
         for (int m = 0; m < MT; ++m) {
-          if constexpr (OFFSET != 0) isum[m] = V::sub(isum[m], V::ints(OFFSET * xi[m * nb + b]));
           acc[m] = V::fmadd(V::mul(d, V::floats(xd[m * nb + b])), V::cvt(isum[m]), acc[m]);
           if constexpr (MIN) lin[m] = V::fmadd(mins, V::floats(xs[m * nb + b]), lin[m]);
         }
