@@ -317,10 +317,9 @@ class Context:
         the set is decoded alone from an empty cache. None when the micro-batch holds one set that owns
         cells 0..n_kv-1 in position order already (the common case: one sequence)."""
         span_seq, span_pos = self.kv.seq[:n_kv], self.kv.pos[:n_kv]
-        keys = _seq_keys(seq)
         if (seq == seq[0]).all():  # one set: np.unique would take 0.13 ms per decode to say so
             sets, which = seq[:1], np.zeros(len(seq), dtype=np.int64)
-        elif keys is not None and len(np.unique(keys)) == len(seq):
+        elif (keys := _seq_keys(seq)) is not None and len(np.unique(keys)) == len(seq):
             return self._one_row_sets(seq, keys, masks, span_seq, span_pos)
         else:
             sets, which = np.unique(seq, axis=0, return_inverse=True)

@@ -81,20 +81,27 @@ struct Q8Act {
   std::vector<int16_t> q16;  // (M, K) 16-bit codes instead of q (quantize_rows_16): AVX2's two-level Q8_0
 };
 
-// 32 values -> codes q = round(x / d), d = max|x| / 127; returns d, sets *sum to the codes' sum
-inline float quantize_block(const float* xb, int8_t* qb, int* sum) {
 #if defined(__AVX2__)
-  // the same arithmetic 8 lanes at a time: cvtps rounds half to even (MXCSR's default), as nearbyint does
+// the 32 values at xb -> v; returns their max |x|
+inline float load_block(const float* xb, __m256 (&v)[4]) {
   const __m256 sign = _mm256_set1_ps(-0.f);
-  __m256 v[4], vmax = _mm256_setzero_ps();
+  __m256 vmax = _mm256_setzero_ps();
   for (int i = 0; i < 4; ++i) {
     v[i] = _mm256_loadu_ps(xb + 8 * i);
     vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, v[i]));
   }
   __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
   m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-  const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
-  const float d = amax / 127.f;
+  return _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+}
+#endif
+
+// 32 values -> codes q = round(x / d), d = max|x| / 127; returns d, sets *sum to the codes' sum
+inline float quantize_block(const float* xb, int8_t* qb, int* sum) {
+#if defined(__AVX2__)
+  // the same arithmetic 8 lanes at a time: cvtps rounds half to even (MXCSR's default), as nearbyint does
+  __m256 v[4];
+  const float d = load_block(xb, v) / 127.f;
   const __m256 id = _mm256_set1_ps(d ? 1.f / d : 0.f);
   __m256i q[4], total = _mm256_setzero_si256();
   for (int i = 0; i < 4; ++i) {
@@ -174,18 +181,10 @@ inline void quantize_rows_16(const float* x, int64_t M, int64_t K, Q8Act& a) {
   a.nb = K / 32;
   a.q16.resize(M * K);
   a.d.resize(M * a.nb);
-  const __m256 sign = _mm256_set1_ps(-0.f);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < a.nb; ++b) {
-      const float* xb = x + m * K + b * 32;
-      __m256 v[4], vmax = _mm256_setzero_ps();
-      for (int i = 0; i < 4; ++i) {
-        v[i] = _mm256_loadu_ps(xb + 8 * i);
-        vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, v[i]));
-      }
-      __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
-      m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-      const float d = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4))) / 32767.f;
+      __m256 v[4];
+      const float d = load_block(x + m * K + b * 32, v) / 32767.f;
       const __m256 id = _mm256_set1_ps(d ? 1.f / d : 0.f);
       int16_t* qb = a.q16.data() + m * K + b * 32;
       for (int i = 0; i < 4; i += 2) {  // packs saturates (x / d may round to 32767 + an ulp) per 128-bit lane
