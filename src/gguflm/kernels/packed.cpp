@@ -336,7 +336,7 @@ struct LegacyGroups {
 #pragma GCC unroll 4
           for (int j = 0; j < 8; ++j) {
             const I v = V::codes(pb + f.off_qs() + 32 * j, next);
-            if constexpr (Q8_UNSIGNED) {  // q + 128: OFFSET takes 128 sum(x) off below
+            if constexpr (Q8_UNSIGNED) {  // q + 128: isum started at -128 sum(x) (OFFSET)
               for (int m = 0; m < MT; ++m) isum[m] = V::dot(isum[m], v, V::x4(xb + m * K + 4 * j));
             } else {
               const I av = V::sign(v, v);  // |w|, then x takes w's sign: u8 x s8, same products
@@ -425,8 +425,8 @@ struct LegacyGroups {
 using PackedFn = void (*)(const uint8_t*, int64_t, const Q8Act&, int64_t, float*, int64_t, int64_t, int64_t);
 
 // Q8_0 against 16-bit activation codes (quantize_rows_16), for levels = 2 where the CPU has AVX2 but no VNNI.
-// Two 8-bit levels cost there 2 x 4 instructions per 4 codes, row and level (sign, maddubs, madd, add);
-// as int16, a row's 4 codes x0..x3 take 2 madds and 2 adds: a code vector's int32 lane r holds row r's codes
+// Two 8-bit levels cost there 2 x 4 instructions per code vector and activation row (sign, maddubs, madd,
+// add); as int16, a row's 4 codes x0..x3 take 2 madds and 2 adds: a code vector's int32 lane r holds row r's codes
 // w0..w3, whose even bytes (w0, w2) and odd bytes (w1, w3) widen in place to int16 pairs (two shifts, one
 // shift) that meet the activation pairs (x0, x2) and (x1, x3) (quantize_rows_16's order), each lane still
 // one row's sum: |sum| <= 32 * 128 * 32767 < 2^31 per block.
