@@ -183,6 +183,46 @@ def test_parallel_decode_steps_give_each_sequence_its_alone_logits_exactly(smoll
         assert all(torch.equal(g, w) for g, w in zip(together[s], want, strict=True)), f"sequence {s}"
 
 
+def test_one_row_sets_give_each_row_what_the_per_set_loop_gives_it(
+    tiny_gemma3: Model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parallel decoding's grouping (Context._one_row_sets: every set at once) against the per-set loop it
+    stands in for: the same cells in the same order and the same masks for every row, with sliding-window
+    layers and cells out of position order (a removed tail refilled after another sequence grew)."""
+    import gguflm.context as context_module
+
+    ctx = Context(tiny_gemma3, n_ctx=64, n_seq_max=4)
+    for s, n in enumerate((5, 12, 3, 9)):
+        assert ctx.decode(Batch.from_tokens(tokens_of(n, s, tiny_gemma3.n_vocab), seq_ids=[[s]] * n)) == 0
+    assert ctx.kv.seq_rm(1, 4, -1)  # frees cells 9..16; sequence 3 takes some of them next
+    assert ctx.decode(Batch.from_tokens(tokens_of(4, 7, tiny_gemma3.n_vocab), seq_ids=[[3]] * 4)) == 0
+    checked = ctx._check(Batch.from_tokens([1, 2, 3, 4], seq_ids=[[2], [0], [3], [1]]))
+    assert checked is not None
+    pos, seq, _ = checked
+    cells = ctx.kv.find_slots(4)
+    assert cells is not None
+    ctx.kv.occupy(cells, pos, seq)
+    n_kv = ctx.kv.n_span()
+    mask = ctx.kv.attention_mask(pos, seq, n_kv)
+    masks = {w: ctx.kv.window_mask(mask, pos, w) if w else mask for w in tiny_gemma3.args.windows}
+
+    def per_row(groups: list | None) -> dict[int, tuple[list[int], dict[int, list[bool] | None]]]:
+        assert groups is not None
+        out = {}
+        for g in groups:
+            for b, rows in enumerate(g.rows.tolist()):
+                (row,) = rows
+                seen = {w: None if m is None else m[b, 0].tolist() for w, m in g.masks.items()}
+                out[row] = (g.cells[b].tolist(), seen)
+        return out
+
+    fast = per_row(ctx._sequence_groups(seq, masks, n_kv))
+    monkeypatch.setattr(context_module, "_seq_keys", lambda seq: None)  # past 64 sequences: the loop
+    assert fast == per_row(ctx._sequence_groups(seq, masks, n_kv))
+    assert sorted(fast) == [0, 1, 2, 3]
+    assert any(cs != sorted(cs) for cs, _ in fast.values())  # some row's cells are out of cell order
+
+
 def test_a_decoding_sequence_beside_a_prompt_chunk_gets_its_alone_logits_exactly(smollm2: Model) -> None:
     """A server step: one sequence's next token and another's 30-token prompt in one micro-batch. The
     decoding row attends through the per-row kernel, the prompt through the prefill kernel, each set
