@@ -199,12 +199,7 @@ class Context:
                     log.error("decode: invalid seq_id[%d] = %d >= n_seq_max = %d", i, s, self.n_seq_max)
                     return None
                 seq[i, s] = True
-        active = np.flatnonzero(seq.any(axis=0))
-        last = self.kv.seq_pos_maxes(active)  # (k,)
-        if len(active) == n and (seq.sum(axis=1) == 1).all():  # a token per sequence (parallel decoding)
-            pos = self._one_token_positions(batch, seq, active, last)
-            return None if pos is None else (pos, seq, self._outputs(batch, n))
-        last_cached = dict(zip(active.tolist(), last.tolist(), strict=True))
+        last_cached = {s: self.kv.seq_pos_max(s) for s in np.flatnonzero(seq.any(axis=0)).tolist()}
         if batch.pos is None:
             pos = np.empty(n, dtype=np.int64)
             next_pos = {s: p + 1 for s, p in last_cached.items()}
@@ -221,52 +216,26 @@ class Context:
         for s, last in last_cached.items():
             p = np.sort(pos[seq[:, s]])
             if last >= 0 and p[0] != last + 1:
-                self._continues_at(s, int(p[0]), last)
+                log.error(
+                    "decode: sequence %d continues at position %d, but its last cached position is %d "
+                    "(positions must stay consecutive: %d)",
+                    s,
+                    int(p[0]),
+                    last,
+                    last + 1,
+                )
                 return None
             if len(p) > 1 and (np.diff(p) != 1).any():
                 log.error("decode: the positions of sequence %d in the batch are not consecutive", s)
                 return None
-        return pos, seq, self._outputs(batch, n)
-
-    @staticmethod
-    def _continues_at(seq_id: int, pos: int, last: int) -> None:
-        log.error(
-            "decode: sequence %d continues at position %d, but its last cached position is %d "
-            "(positions must stay consecutive: %d)",
-            seq_id,
-            pos,
-            last,
-            last + 1,
-        )
-
-    def _one_token_positions(
-        self, batch: Batch, seq: np.ndarray, active: np.ndarray, last: np.ndarray
-    ) -> np.ndarray | None:
-        """_check's positions where each token is its sequence's only one, without a loop per sequence."""
-        col = seq.argmax(axis=1)  # (n,) each token's sequence
-        last_of = last[np.searchsorted(active, col)]  # (n,)
-        if batch.pos is None:
-            return last_of + 1
-        pos = np.asarray(batch.pos, dtype=np.int64)
-        if (pos < 0).any():
-            log.error("decode: negative position %d", int(pos.min()))
-            return None
-        bad = np.flatnonzero((last_of >= 0) & (pos != last_of + 1))
-        if bad.size:
-            i = int(bad[np.argmin(col[bad])])  # the lowest sequence id, as the loop reports it
-            self._continues_at(int(col[i]), int(pos[i]), int(last_of[i]))
-            return None
-        return pos
-
-    def _outputs(self, batch: Batch, n: int) -> np.ndarray:
-        """(n,) bool: which tokens' outputs to keep."""
         if batch.output is not None and not (self.embeddings_enabled and self.pooling != "none"):
-            return np.asarray(batch.output, dtype=bool)
-        if self.embeddings_enabled:
-            return np.ones(n, dtype=bool)
-        output = np.zeros(n, dtype=bool)
-        output[-1] = True
-        return output
+            output = np.asarray(batch.output, dtype=bool)
+        elif self.embeddings_enabled:
+            output = np.ones(n, dtype=bool)
+        else:
+            output = np.zeros(n, dtype=bool)
+            output[-1] = True
+        return pos, seq, output
 
     def _run(
         self, batch: Batch, pos: np.ndarray, seq: np.ndarray, output: np.ndarray, cells: np.ndarray

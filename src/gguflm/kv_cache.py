@@ -186,10 +186,6 @@ class KVCache:
         p = self.pos.min(initial=np.iinfo(np.int64).max, where=self.seq[:, seq_id])
         return -1 if p == np.iinfo(np.int64).max else int(p)
 
-    def seq_pos_maxes(self, seq_ids: np.ndarray) -> np.ndarray:
-        """seq_pos_max of valid sequence ids at once, (k,) int64: a 16-sequence step asks for all of them."""
-        return np.where(self.seq[:, seq_ids], self.pos[:, None], -1).max(axis=0, initial=-1)
-
     def seq_pos_max(self, seq_id: int) -> int:
         self._check_seq(seq_id)
         return int(self.pos.max(initial=-1, where=self.seq[:, seq_id]))
