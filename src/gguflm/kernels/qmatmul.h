@@ -181,20 +181,22 @@ inline void quantize_rows_16(const float* x, int64_t M, int64_t K, Q8Act& a) {
   a.nb = K / 32;
   a.q16.resize(M * K);
   a.d.resize(M * a.nb);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t b = 0; b < a.nb; ++b) {
-      __m256 v[4];
-      const float d = load_block(x + m * K + b * 32, v) / 32767.f;
-      const __m256 id = _mm256_set1_ps(d ? 1.f / d : 0.f);
-      int16_t* qb = a.q16.data() + m * K + b * 32;
-      for (int i = 0; i < 4; i += 2) {  // packs saturates (x / d may round to 32767 + an ulp) per 128-bit lane
-        __m256i q = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[i], id)),
-                                       _mm256_cvtps_epi32(_mm256_mul_ps(v[i + 1], id)));
-        q = _mm256_shufflehi_epi16(_mm256_shufflelo_epi16(_mm256_permute4x64_epi64(q, 0xD8), 0xD8), 0xD8);
-        _mm256_storeu_si256((__m256i*)(qb + 8 * i), q);
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {  // as quantize_rows: a prefill's rows in parallel
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t b = 0; b < a.nb; ++b) {
+        __m256 v[4];
+        const float d = load_block(x + m * K + b * 32, v) / 32767.f;
+        const __m256 id = _mm256_set1_ps(d ? 1.f / d : 0.f);
+        int16_t* qb = a.q16.data() + m * K + b * 32;
+        for (int i = 0; i < 4; i += 2) {  // packs saturates (x / d may round to 32767 + an ulp) per 128-bit lane
+          __m256i q = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[i], id)),
+                                         _mm256_cvtps_epi32(_mm256_mul_ps(v[i + 1], id)));
+          q = _mm256_shufflehi_epi16(_mm256_shufflelo_epi16(_mm256_permute4x64_epi64(q, 0xD8), 0xD8), 0xD8);
+          _mm256_storeu_si256((__m256i*)(qb + 8 * i), q);
+        }
+        a.d[m * a.nb + b] = d;
       }
-      a.d[m * a.nb + b] = d;
-    }
+  });
 }
 #endif
 
